@@ -1,0 +1,83 @@
+"""The `dd` command: one subcommand per pipeline stage, plus `settings`.
+
+Thin by design: parse, load params.yaml (typed, validated), call the stage, map errors to exit codes.
+Exit codes: 0 success; 1 a stage failed (the message says why); 2 bad input (params file, setting
+name, arguments). Snakemake and dvc.yaml call nothing but these subcommands.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dd.config import ConfigError, load_params
+from dd.errors import StageError
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _common(parser: argparse.ArgumentParser, setting: bool = True) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
+    if setting:
+        parser.add_argument("--setting", required=True, help="setting name (see `dd settings`)")
+
+
+def cmd_settings(args) -> int:
+    params = load_params(args.params)
+    width = max(len(n) for n in params.settings)
+    for name, s in params.settings.items():
+        kind = "paper" if s.paper_row else "toy"
+        print(f"{name:<{width}}  {s.family:<8}  {kind:<5}  teacher:{s.teacher.source:<5}  {s.description}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from dd.teacher_stage import fetch_teacher
+
+    params = load_params(args.params)
+    fetch_teacher(params, params.setting(args.setting), include_dd=not args.no_dd)
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from dd.teacher_stage import run_teacher_stage
+
+    params = load_params(args.params)
+    run_teacher_stage(params, params.setting(args.setting))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("settings", help="list the settings of the params file")
+    _common(p, setting=False)
+    p.set_defaults(func=cmd_settings)
+
+    p = sub.add_parser("fetch", help="download a paper setting's official checkpoints into results/<setting>/teacher")
+    _common(p)
+    p.add_argument("--no-dd", action="store_true", help="skip the released DD student checkpoint")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("teacher", help="teacher stage: fetch (paper rows) or train (toy settings)")
+    _common(p)
+    p.set_defaults(func=cmd_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"dd: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StageError as err:  # includes dd.hub.HubError
+        print(f"dd {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Distilled-Decoding student for LlamaGen, key-for-key the official `DDTransformer` (LlamaGen-DD/*.pt).
+
+The teacher's trunk (same blocks, RoPE, class embedding, logits head) reads a *continuous* sequence
+x (B, block_size, C): each position holds either a codebook vector (data, positions i < t) or Gaussian
+noise (i >= t). A learned noise/data embedding marks which is which. Two heads read the final hidden
+state: the teacher-style logits (B, L, V) and continuous tokens (B, L, C) from a class-modulated
+LayerNorm head. Output i comes from the position whose input is token i itself (the teacher predicts
+token i one position earlier). Facts: shared/reference/llamagen-architecture.md section 10.
+"""
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from dd.models.llamagen import (ClassEmbedding, GPTConfig, LlamaGenGPT, RMSNorm, TransformerBlock,
+                                init_llamagen_weights, precompute_freqs_cis_2d)
+
+
+def student_config(teacher_config: GPTConfig) -> GPTConfig:
+    """The official DD ModelArgs differ from the teacher's only in their defaults: no dropout anywhere
+    and no class dropout (the student never sees the null class)."""
+    return replace(teacher_config, token_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
+                   ffn_dropout_p=0.0, drop_path_rate=0.0, class_dropout_prob=0.0)
+
+
+class FinalLayer(nn.Module):
+    """Continuous-token head: LayerNorm (no affine) of the un-normalised hidden state, modulated by the
+    class embedding c: x * (1 + scale) + shift with (shift, scale) = scale_shift_table + c; then Linear."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + c).chunk(2, dim=1)  # c (B, 1, dim) -> (B, 1, dim) each
+        return self.linear(self.norm_final(h) * (1 + scale) + shift)
+
+
+class LlamaGenDD(nn.Module):
+    """DD student. `codebook` (V, C) = the l2-normalised VQ codebook; it is a non-persistent buffer:
+    not in the state_dict (as officially), but it follows .to()/.cuda() with the module."""
+
+    def __init__(self, config: GPTConfig, codebook: torch.Tensor):
+        super().__init__()
+        if codebook.dim() != 2 or codebook.shape[0] != config.vocab_size:
+            raise ValueError(f"LlamaGenDD: codebook must be (vocab_size={config.vocab_size}, C), got "
+                             f"{tuple(codebook.shape)}; pass VQModel.codebook_l2()")
+        self.config = config
+        codebook_dim = codebook.shape[1]
+        # the official class table always has the null row, whatever class_dropout_prob says
+        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, 0.0, null_row=True)
+        self.tok_embeddings = nn.Linear(codebook_dim, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.n_layer).tolist()
+        self.layers = nn.ModuleList(TransformerBlock(config, p) for p in drop_path_rates)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.final_layer_conti = FinalLayer(config.dim, codebook_dim)
+        self.n_d_embed = nn.Embedding(2, config.dim)  # row 0 = noise position, row 1 = data position
+        self.register_buffer("codebook", codebook.detach().clone(), persistent=False)
+        # plain float32 attribute as in the teacher (not in the state_dict, not cast to bf16)
+        self.freqs_cis = precompute_freqs_cis_2d(config.grid_size, config.head_dim, config.rope_base,
+                                                 config.cls_token_num)
+        self.init_weights()
+
+    def init_weights(self):
+        """Official DD init: the teacher's (N(0, 0.02) Linear/Embedding, zero biases, zero logits head)
+        plus scale_shift_table ~ N(0, 1) / sqrt(dim)."""
+        init_llamagen_weights(self, self.config.initializer_range)
+        nn.init.normal_(self.final_layer_conti.scale_shift_table, std=self.config.dim ** -0.5)
+
+    @torch.no_grad()
+    def init_from_teacher(self, teacher: LlamaGenGPT):
+        """Copy the class table, every transformer layer, the final norm and the logits head from the
+        teacher (the official init_with_teacher); tok_embeddings, n_d_embed and final_layer_conti keep
+        their DD init."""
+        teacher_table = teacher.cls_embedding.embedding_table.weight
+        if teacher_table.shape != self.cls_embedding.embedding_table.weight.shape:
+            raise ValueError(f"init_from_teacher: teacher class table {tuple(teacher_table.shape)} != student "
+                             f"{tuple(self.cls_embedding.embedding_table.weight.shape)}; the teacher needs "
+                             "class_dropout_prob > 0 (null-class row) and the same num_classes and dim")
+        if teacher.freqs_cis.shape != self.freqs_cis.shape:
+            raise ValueError("init_from_teacher: teacher and student differ in block_size or head_dim")
+        self.cls_embedding.embedding_table.weight.copy_(teacher_table)
+        self.layers.load_state_dict(teacher.layers.state_dict())  # raises on any layer-shape mismatch
+        self.norm.weight.copy_(teacher.norm.weight)
+        self.output.weight.copy_(teacher.output.weight)
+
+    def _timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.codebook.device)
+        if t.shape != (batch,):
+            raise ValueError(f"LlamaGenDD: t must be (B={batch},) timesteps (number of data positions), "
+                             f"got shape {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor):
+        """x (B, block_size, C), cond (B,) labels, t (B,) -> (tokens (B, L, C), logits (B, L, V)), float32."""
+        B, L, C = x.shape
+        if L != self.config.block_size or C != self.codebook.shape[1]:
+            raise ValueError(f"LlamaGenDD.forward: x must be (B, {self.config.block_size}, {self.codebook.shape[1]}), "
+                             f"got {tuple(x.shape)}")
+        t = self._timestep(t, B)
+        c = self.cls_embedding(cond)
+        h = torch.cat([c, self.tok_embeddings(x)], dim=1)
+        # sequence position p (0 = class token, p = i + 1 for token i) is "data" iff p <= t
+        is_data = torch.arange(L + 1, device=x.device)[None] <= t[:, None]
+        h = self.tok_dropout(h + self.n_d_embed(is_data.long()))
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = self.freqs_cis.to(h.device)
+        freqs_cis = self.freqs_cis[:L + 1]
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        logits = self.output(self.norm(h)).float()[:, 1:]
+        tokens = self.final_layer_conti(h, c).float()[:, 1:]  # reads the pre-norm residual stream
+        return tokens, logits
+
+    def perturb(self, data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t: positions i < t from data (B, L, C), the rest from noise."""
+        t = self._timestep(t, data.shape[0])
+        keep_data = torch.arange(data.shape[1], device=data.device)[None] < t[:, None]
+        return torch.where(keep_data[..., None], data, noise)
+
+    def nearest_code(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook row (squared L2) for every vector of x (..., C), by a matmul
+        (|x|^2 + |e|^2 - 2 x.e) instead of materialising x - e for all V codes."""
+        flat = x.reshape(-1, x.shape[-1]).to(self.codebook.dtype)
+        distances = (flat.pow(2).sum(1, keepdim=True) + self.codebook.pow(2).sum(1)
+                     - 2 * flat @ self.codebook.t())
+        return distances.argmin(dim=1).view(x.shape[:-1])
+
+    def final_predict(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor):
+        """Model outputs where i >= t; where i < t the input is kept: tokens = x_t and logits = one-hot
+        in log space (0 at the nearest code of x_t, -inf elsewhere)."""
+        tokens, logits = self(x_t, cond, t)
+        t = self._timestep(t, x_t.shape[0])
+        is_data = torch.arange(x_t.shape[1], device=x_t.device)[None] < t[:, None]
+        one_hot_log = torch.full_like(logits, float("-inf")).scatter_(-1, self.nearest_code(x_t)[..., None], 0.0)
+        tokens = torch.where(is_data[..., None], x_t.to(tokens.dtype), tokens)
+        logits = torch.where(is_data[..., None], one_hot_log, logits)
+        return tokens, logits
+
+    def final_sequence(self, tokens: torch.Tensor, logits: torch.Tensor, split: int) -> torch.Tensor:
+        """Positions < split take the greedy code codebook[argmax logits], the rest the continuous tokens."""
+        greedy = self.codebook[logits.argmax(dim=-1)].to(tokens.dtype)
+        return torch.cat([greedy[:, :split], tokens[:, split:]], dim=1)

@@ -1,0 +1,52 @@
+"""The teacher stage: make results/<setting>/teacher/ for every setting.
+
+Paper rows download the official checkpoints (dd.hub) and link them there; toy settings train a
+small tokenizer + AR teacher + digit classifier on MNIST (dd.toy_teacher). Either way the folder is
+written atomically and ends with teacher.json, which later stages read to build the Teacher.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dd import hub
+from dd.atomic import atomic_dir, write_json
+from dd.config import Params, Setting
+from dd.tracking import stage_run
+
+
+def teacher_dir(params: Params, setting: Setting) -> Path:
+    return params.path.parent / "results" / setting.name / "teacher"
+
+
+def fetch_teacher(params: Params, setting: Setting, include_dd: bool = True) -> Path:
+    """Download (or find in the cache / in place) the setting's official checkpoints."""
+    t = setting.teacher
+    if t.source != "hub":
+        from dd.errors import StageError
+        raise StageError(f"setting '{setting.name}' trains its teacher (teacher.source: train); "
+                         f"run `dd teacher --setting {setting.name}` instead of `dd fetch`")
+    roles = {"tokenizer": t.tokenizer_artifact, "model": t.model_artifact}
+    if include_dd and t.dd_artifact:
+        roles["dd"] = t.dd_artifact
+    final = teacher_dir(params, setting)
+    with stage_run(params, setting, "teacher", {"teacher.roles": roles}) as mlflow:
+        with atomic_dir(final) as out:
+            files = {}
+            for role, name in roles.items():
+                path = hub.fetch(name, out)
+                art = hub.ARTIFACTS[name]
+                files[role] = {"artifact": name, "file": path.name, "url": art.url,
+                               "load_layout": art.load_layout}
+                print(f"[teacher] {setting.name}: {role} <- {name} ({path.name})")
+            write_json(out / "teacher.json", {"setting": setting.name, "family": setting.family,
+                                              "source": "hub", "files": files})
+        mlflow.log_artifact(str(final / "teacher.json"))
+    return final
+
+
+def run_teacher_stage(params: Params, setting: Setting) -> Path:
+    if setting.teacher.source == "hub":
+        return fetch_teacher(params, setting)
+    from dd.toy_teacher import train_toy_teacher
+
+    return train_toy_teacher(params, setting, teacher_dir(params, setting))
