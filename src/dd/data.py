@@ -84,7 +84,8 @@ def load_mnist(split: str, image_size: int = 32) -> tuple[torch.Tensor, torch.Te
 @dataclass
 class DigitClassifierConfig:
     image_size: int = 32
-    channels: tuple = (32, 64, 128)  # one conv block per resolution 32 -> 16 -> 8 -> 4
+    # one conv block per resolution 32 -> 16 -> 8 -> 4; (32, 64, 128) is no more accurate here (~98%) and 2x slower
+    channels: tuple = (16, 32, 64)
     feature_dim: int = 128  # width of features(): the toy-FID embedding
     num_classes: int = NUM_CLASSES
 
@@ -138,7 +139,7 @@ def classify(model: DigitClassifier, images: torch.Tensor, batch_size: int = 500
     return torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
 
-def train_classifier(seed: int = 0, epochs: int = 4, batch_size: int = 64, lr: float = 2e-3,
+def train_classifier(seed: int = 0, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
                      max_shift: int = 2, config: DigitClassifierConfig | None = None
                      ) -> tuple[DigitClassifier, dict]:
     """Train a DigitClassifier on the train split, evaluate on the test split.

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,6 +35,7 @@ from pathlib import Path, PurePosixPath
 import httpx2  # the HTTP client huggingface_hub 2.x downloads with; its errors can escape mid-download
 import numpy as np
 import torch
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -43,12 +45,15 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
+from dd.errors import StageError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("vq", "teacher", "dd", "fid_stat")
 
 # How the weights sit inside each file (reference/{var,llamagen}-architecture.md, dd-paper.md §5.2):
-#   plain        the file is the state_dict itself (VAR teachers and VQVAE, LlamaGen FSDP checkpoints)
+#   plain        the file is the state_dict itself (VAR teachers and VQVAE, LlamaGen FSDP checkpoints);
+#                a file wrapped as below is tolerated
 #   model        ckpt['model'] (LlamaGen DDP checkpoints and VQ); 'module' (deepspeed) and 'state_dict'
 #                are accepted in that order, like LlamaGen's GPT loader
 #   dd_var       ckpt['trainer']['ema_parameters'] (EMA, the official default) or
@@ -71,10 +76,12 @@ _SAFE_GLOBALS = [
     (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
     np._core.multiarray.scalar,
     (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    # a dtype is rebuilt through its class (numpy.dtypes.Float64DType, ...): bool, ints, floats only
+    *{type(np.dtype(code)) for code in "?bBhHiIlLqQefd"},
 ]
 
 
-class HubError(RuntimeError):
+class HubError(StageError):
     """An artifact could not be obtained or does not verify; the message says what, where, how to fix."""
 
 
@@ -187,7 +194,8 @@ def fetch(name: str | Artifact, dest_dir: Path | str, cache_dir: Path | str | No
         log.info("%s: using %s", art.name, dest)
         return dest
 
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour it also when set later.
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or hf_constants.is_offline_mode()
     try:
         cached = Path(hf_hub_download(
             art.repo_id, art.filename,
@@ -289,9 +297,10 @@ def _write_sidecar(path: Path, sha: str) -> None:
 
 
 def _mismatch(path: Path, what: str, expected, actual, source: str) -> HubError:
-    real = Path(os.path.realpath(path))
-    where = f"{path}" + (f" (a link to {real})" if real != path.absolute() else "")
-    also = f" and {real}" if real != path.absolute() else ""
+    # A link into the Hugging Face cache: the bad bytes are in the cache, which must go too.
+    real = Path(os.path.realpath(path)) if path.is_symlink() else None
+    where = f"{path}" + (f" (a link to {real})" if real else "")
+    also = f" and {real}" if real else ""
     return HubError(f"{where}: {what} mismatch: expected {expected} ({source}), got {actual}. The file is "
                     f"corrupt or not the right one: delete {path}{also} and its sidecar "
                     f"{sidecar_path(path).name}, then fetch again.")
@@ -337,35 +346,41 @@ def load_checkpoint(path: Path | str, layout: str, ema: bool | None = None) -> d
         raise _mismatch(path, "sha256", recorded, actual, f"recorded in {sidecar_path(path).name}")
 
     ckpt = _torch_load(path)
+    use_ema = ema is None or ema
     if layout == "fid_stat":
         return _fid_stat(path, ckpt)
     if layout in ("plain", "model"):
         state = _teacher_state(path, ckpt, layout)
     elif layout == "dd_var":
         trainer = _child(path, ckpt, ["trainer"])
-        state = _child(path, trainer, ["trainer", "ema_parameters" if ema in (None, True) else "var_wo_ddp"])
+        state = _child(path, trainer, ["trainer", "ema_parameters" if use_ema else "var_wo_ddp"])
     else:  # dd_llamagen
-        state = _child(path, ckpt, ["ema" if ema in (None, True) else "model"])
+        state = _child(path, ckpt, ["ema" if use_ema else "model"])
     return _as_state_dict(path, state, layout)
 
 
 def _torch_load(path: Path):
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        try:
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            try:
-                names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-            except Exception:  # legacy (non-zip) files cannot be listed; the torch message names the first
-                names = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "?")
-            raise HubError(f"{path}: refused to load: the file pickles Python objects beyond tensors and plain "
-                           f"data ({names}); checkpoints are loaded with weights_only=True because unpickling "
-                           f"such objects can run arbitrary code. Re-save only the tensors (torch.save("
-                           f"state_dict)) from a trusted copy.") from err
-        raise HubError(_unreadable(path, err)) from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise HubError(_unreadable(path, err)) from err
+        except pickle.UnpicklingError as err:
+            refused = _refused_globals(path, err)
+            if refused:
+                raise HubError(f"{path}: refused to load: the file pickles Python objects beyond tensors and plain "
+                               f"data ({', '.join(refused)}); checkpoints are loaded with weights_only=True because "
+                               f"unpickling such objects can run arbitrary code. Re-save only the tensors "
+                               f"(torch.save(state_dict)) from a trusted copy.") from err
+            raise HubError(_unreadable(path, err)) from err
+        except (RuntimeError, EOFError, ValueError, OSError) as err:
+            raise HubError(_unreadable(path, err)) from err
+
+
+def _refused_globals(path: Path, err: Exception) -> list[str]:
+    """The Python globals that made weights_only refuse the file; [] when the file is just unreadable."""
+    try:  # zip checkpoints (torch >= 1.6) can be listed without unpickling anything
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy or broken files: fall back to what the unpickler's message names
+        return [a or b for a, b in re.findall(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(err))]
 
 
 def _unreadable(path: Path, err: Exception) -> str:

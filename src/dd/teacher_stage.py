@@ -6,6 +6,7 @@ written atomically and ends with teacher.json, which later stages read to build 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dd import hub
@@ -16,6 +17,15 @@ from dd.tracking import stage_run
 
 def teacher_dir(params: Params, setting: Setting) -> Path:
     return params.path.parent / "results" / setting.name / "teacher"
+
+
+def checkpoints_dir(params: Params) -> Path:
+    """Where official checkpoints are linked (and where to put them by hand when offline).
+
+    Outside results/ on purpose: Snakemake and DVC delete a stage's outputs before re-running it,
+    and a hand-placed multi-GB file must survive that. DD_CHECKPOINTS overrides the location.
+    """
+    return Path(os.environ.get("DD_CHECKPOINTS") or params.path.parent / "checkpoints").resolve()
 
 
 def fetch_teacher(params: Params, setting: Setting, include_dd: bool = True) -> Path:
@@ -33,7 +43,8 @@ def fetch_teacher(params: Params, setting: Setting, include_dd: bool = True) -> 
         with atomic_dir(final) as out:
             files = {}
             for role, name in roles.items():
-                path = hub.fetch(name, out)
+                path = hub.fetch(name, checkpoints_dir(params))
+                (out / path.name).symlink_to(path)
                 art = hub.ARTIFACTS[name]
                 files[role] = {"artifact": name, "file": path.name, "url": art.url,
                                "load_layout": art.load_layout}

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from dd.models.llamagen import (ClassEmbedding, GPTConfig, LlamaGenGPT, RMSNorm, TransformerBlock,
-                                init_llamagen_weights, precompute_freqs_cis_2d)
+                                drop_path_rates, init_llamagen_weights, precompute_freqs_cis_2d,
+                                rope_rows)
 
 
 def student_config(teacher_config: GPTConfig) -> GPTConfig:
@@ -53,8 +54,7 @@ class LlamaGenDD(nn.Module):
         self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, 0.0, null_row=True)
         self.tok_embeddings = nn.Linear(codebook_dim, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.n_layer).tolist()
-        self.layers = nn.ModuleList(TransformerBlock(config, p) for p in drop_path_rates)
+        self.layers = nn.ModuleList(TransformerBlock(config, p) for p in drop_path_rates(config))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.final_layer_conti = FinalLayer(config.dim, codebook_dim)
@@ -81,8 +81,9 @@ class LlamaGenDD(nn.Module):
             raise ValueError(f"init_from_teacher: teacher class table {tuple(teacher_table.shape)} != student "
                              f"{tuple(self.cls_embedding.embedding_table.weight.shape)}; the teacher needs "
                              "class_dropout_prob > 0 (null-class row) and the same num_classes and dim")
-        if teacher.freqs_cis.shape != self.freqs_cis.shape:
-            raise ValueError("init_from_teacher: teacher and student differ in block_size or head_dim")
+        if (teacher.config.block_size, teacher.config.rope_base) != (self.config.block_size, self.config.rope_base):
+            raise ValueError("init_from_teacher: teacher and student differ in block_size or rope_base, so "
+                             "their RoPE tables (the official code copies the teacher's) would differ")
         self.cls_embedding.embedding_table.weight.copy_(teacher_table)
         self.layers.load_state_dict(teacher.layers.state_dict())  # raises on any layer-shape mismatch
         self.norm.weight.copy_(teacher.norm.weight)
@@ -107,9 +108,7 @@ class LlamaGenDD(nn.Module):
         # sequence position p (0 = class token, p = i + 1 for token i) is "data" iff p <= t
         is_data = torch.arange(L + 1, device=x.device)[None] <= t[:, None]
         h = self.tok_dropout(h + self.n_d_embed(is_data.long()))
-        if self.freqs_cis.device != h.device:
-            self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs_cis = self.freqs_cis[:L + 1]
+        freqs_cis = rope_rows(self, h.device)[:L + 1]
         for layer in self.layers:
             h = layer(h, freqs_cis)
         logits = self.output(self.norm(h)).float()[:, 1:]

@@ -215,7 +215,8 @@ class VectorQuantizer2(nn.Module):
         super().__init__()
         if share_quant_resi < 2:
             raise ValueError(f"VQVAE: only the partially shared Phi layout of the released checkpoints "
-                             f"(share_quant_resi >= 2, default 4) is implemented, got share_quant_resi={share_quant_resi}")
+                             f"(share_quant_resi >= 2, default 4) is implemented, "
+                             f"got share_quant_resi={share_quant_resi}")
         self.vocab_size, self.Cvae, self.beta = vocab_size, Cvae, beta
         self.patch_nums = tuple(patch_nums)
         self.quant_resi = PartiallySharedPhi(Cvae, quant_resi, share_quant_resi, len(self.patch_nums))
