@@ -2,6 +2,7 @@
 and the quality gates reported but not enforced. Derived from the real file so the two never drift."""
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ def make_micro_project(dest: Path) -> Path:
     # dvc.yaml lists source files as deps: link the real ones so DVC can hash them.
     (dest / "src").symlink_to(REPO / "src")
     (dest / "params.yaml").write_text(yaml.safe_dump(micro_params(), sort_keys=False))
-    (dest / ".gitignore").write_text("/results/\n/mlruns/\n/mlflow.db\n/.snakemake/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    (dest / ".gitignore").write_text("/results/\n/mlruns/\n/mlflow.db\n/mlflow.db.lock\n/.snakemake/\n")
+    for cmd in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=dest, check=True)
     return dest

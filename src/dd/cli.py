@@ -47,6 +47,22 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from dd.pairs import run_pairs_stage
+
+    params = load_params(args.params)
+    run_pairs_stage(params, params.setting(args.setting), device=args.device)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from dd.distill import run_distill_stage
+
+    params = load_params(args.params)
+    run_distill_stage(params, params.setting(args.setting), device=args.device, micro_batch=args.micro_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="teacher stage: fetch (paper rows) or train (toy settings)")
     _common(p)
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("pairs", help="pairs stage: noise -> token trajectories of the teacher (resumable)")
+    _common(p)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("distill", help="distill stage: train the DD student on the pairs (resumable; multi-GPU: "
+                                       "accelerate launch --multi_gpu --num_processes N -m dd distill ...)")
+    _common(p)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="accumulate gradients over micro-batches of this size per process (memory only)")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

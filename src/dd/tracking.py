@@ -53,9 +53,17 @@ def stage_run(params: Params, setting: Setting, stage: str, extra_params: dict |
     The run is marked FAILED (and the exception re-raised) if the stage fails.
     """
     import mlflow
+    from filelock import FileLock
 
-    mlflow.set_tracking_uri(tracking_uri(params))
-    mlflow.set_experiment(params.tracking.experiment)
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        # Parallel stages (snakemake --cores N) may all open a new mlflow.db at once; its schema
+        # migration is not safe under concurrency ("duplicate column name"), so serialise it.
+        with FileLock(uri[len("sqlite:///"):] + ".lock"):
+            mlflow.set_experiment(params.tracking.experiment)
+    else:
+        mlflow.set_experiment(params.tracking.experiment)
     tags = {"setting": setting.name, "stage": stage, "family": setting.family}
     commit = _git_commit()
     if commit:

@@ -1,0 +1,703 @@
+"""The distill stage: train the DD student on the teacher's noise -> token trajectories (accelerate).
+
+The student starts from the teacher (`init_from_teacher`; VAR with the new level row lvl_embed[1] re-drawn,
+the released code's class_emb[1] typo corrected) and learns to jump from any trajectory point X_t, t in t_list,
+to the endpoint (reference/dd-paper.md §1.3-1.5). Per example and step:
+    t      ~ uniform over t_list                              (GUESS §6 q5: uniform over the timestep set)
+    x_t    = perturb(codebook[tokens], t, noise)              (data prefix < t + the pair's ORIGINAL noise)
+    conti, logits = student(x_t, label, t)
+    loss   = w_ce   * CE(logits, tokens)                        over positions >= t (the noise positions)
+           + w_perc * d(decode(hybrid), decode(codebook[tokens])) hybrid = target codes before max(split, t),
+                                                                   the continuous head from there on, as the
+                                                                   sampler builds its output (§1.5 GUESS)
+           + w_mse  * |conti - codebook[tokens]|^2              over positions >= t
+Every term is a per-example mean (over its positions or pixels), then a mean over the batch, so the loss of a
+global batch split over N processes is the mean of the per-process losses and DDP gradients equal those of
+one process on the whole batch. d is LPIPS (the `lpips` package, VGG trunk) for paper rows and, for the toy
+settings, the digit classifier's feature distance + pixel MSE (no download). Decoding goes through the frozen
+tokenizer of the Teacher seam (gradients flow to the continuous head).
+
+Training: AdamW (no weight decay on biases and other 1-D parameters), linear warm-up then linear decay to 1% of
+lr (VAR's `lin0` schedule), gradient clipping, EMA with the warm-up min(decay, (1+s)/(10+s)), bf16 autocast on
+CUDA. One process on CPU; N GPUs with `accelerate launch --multi_gpu --num_processes N -m dd distill ...`;
+2 CPU processes over gloo for tests (ecosystem.md §6: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...).
+
+Determinism and resume. The global batch of step s and its timesteps are a function of (seed, s) alone:
+epochs are permutations seeded by (seed, epoch), batches are consecutive slices of them, and process r of N
+takes the r-th 1/N of each global batch. Every checkpoint_every steps, results/<S>/student.partial/ gets an
+atomically renamed checkpoint (model, EMA, optimizer, scheduler, step, every process's RNG state, the loss log);
+a rerun resumes from the newest one and, on CPU, continues the uninterrupted run's loss curve exactly. The
+final results/<S>/student/ (EMA weights, student.json, metrics.json, samples.png) is renamed into place last.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dd import sampling
+from dd.atomic import atomic_dir, write_json
+from dd.config import Distill, Params, Setting
+from dd.errors import StageError
+from dd.models.dd_llamagen import LlamaGenDD, student_config
+from dd.models.dd_var import VARDD
+from dd.models.llamagen import GPTConfig
+from dd.models.var import VARConfig
+from dd.teacher import Teacher
+
+STUDENT_FILE = "student.safetensors"
+KEEP_CHECKPOINTS = 2
+LR_FLOOR = 0.01  # the schedule decays linearly to this fraction of lr at max_steps
+GRID_SAMPLES = 32  # DD 1-step samples in the grids logged at checkpoints
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------------
+class TensorPairs:
+    """Noise-data pairs in memory: labels (N,) int64, noise (N, L, C) float32, tokens (N, L) int64."""
+
+    def __init__(self, labels: torch.Tensor, noise: torch.Tensor, tokens: torch.Tensor):
+        if not (labels.shape[0] == noise.shape[0] == tokens.shape[0]) or tokens.shape != noise.shape[:2]:
+            raise ValueError(f"TensorPairs: labels {tuple(labels.shape)}, noise {tuple(noise.shape)} and tokens "
+                             f"{tuple(tokens.shape)} must be (N,), (N, L, C) and (N, L)")
+        self.labels, self.noise, self.tokens = labels.long(), noise.float(), tokens.long()
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def get(self, indices: torch.Tensor):
+        return self.labels[indices], self.noise[indices], self.tokens[indices]
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
+    """Read-only numpy views of every tensor of a safetensors file (only the rows indexed are read)."""
+    dtypes = {"F32": np.float32, "I64": np.int64}
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    views = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise StageError(f"{path}: tensor '{name}' has dtype {entry['dtype']}; pairs hold F32 noise and I64 "
+                             f"tokens/labels; re-run `dd pairs`")
+        begin, _ = entry["data_offsets"]
+        views[name] = np.memmap(path, dtype=dtypes[entry["dtype"]], mode="r", offset=8 + header_len + begin,
+                                shape=tuple(entry["shape"]))
+    return views
+
+
+class ShardedPairs:
+    """The pairs stage's output (results/<S>/pairs/: manifest.json + safetensors shards), read lazily: a batch
+    reads only its rows from the memory-mapped shards, so the data set may exceed memory."""
+
+    def __init__(self, folder: Path | str, teacher: Teacher | None = None):
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise StageError(f"{folder}: no manifest.json; run `dd pairs --setting <setting>` first")
+        self.manifest = json.loads(manifest_path.read_text())
+        if not self.manifest.get("complete"):
+            raise StageError(f"{manifest_path}: the pairs are not complete; finish them with `dd pairs`")
+        if teacher is not None and self.manifest.get("codebook_sha256") != teacher.codebook_sha256():
+            raise StageError(f"{manifest_path}: the pairs were made with another codebook than this teacher's; "
+                             f"re-run `dd pairs --setting {self.manifest.get('setting')}`")
+        self.shards = [_memmap_safetensors(folder / entry["file"]) for entry in self.manifest["shards"]]
+        self.starts = [0]
+        for shard in self.shards:
+            self.starts.append(self.starts[-1] + shard["labels"].shape[0])
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def get(self, indices: torch.Tensor):
+        index = indices.numpy()
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        out = []
+        for name in ("labels", "noise", "tokens"):
+            first = self.shards[0][name]
+            rows = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+            for shard in np.unique(shard_of):
+                here = shard_of == shard
+                rows[here] = self.shards[shard][name][index[here] - self.starts[shard]]
+            out.append(torch.from_numpy(rows))
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic data order
+# --------------------------------------------------------------------------------------------------
+def _mix(*words: int) -> int:
+    """A 63-bit generator seed from integers (numpy SeedSequence mixing)."""
+    state = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(_mix(seed, 0, epoch)))
+
+
+def global_batch(num_pairs: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Pair indices (batch_size,) of optimizer step `step`: consecutive slices of per-epoch permutations."""
+    position, pieces, count = step * batch_size, [], 0
+    while count < batch_size:
+        epoch, offset = divmod(position, num_pairs)
+        take = min(batch_size - count, num_pairs - offset)
+        pieces.append(_epoch_order(num_pairs, seed, epoch)[offset:offset + take])
+        position, count = position + take, count + take
+    return torch.cat(pieces)
+
+
+def global_timesteps(t_list, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Timesteps (batch_size,) of step `step`: uniform over t_list, per example."""
+    generator = torch.Generator().manual_seed(_mix(seed, 1, step))
+    choice = torch.randint(len(t_list), (batch_size,), generator=generator)
+    return torch.tensor(list(t_list))[choice]
+
+
+# --------------------------------------------------------------------------------------------------
+# The student
+# --------------------------------------------------------------------------------------------------
+def new_student(teacher: Teacher) -> torch.nn.Module:
+    """An untrained student of the teacher's architecture (official DD init), with the codebook attached."""
+    if teacher.family == "var":
+        student = VARDD(teacher.model.config)
+        student.init_weights()
+        student.attach_codebook(teacher.codebook)
+        return student
+    return LlamaGenDD(student_config(teacher.model.config), teacher.codebook)
+
+
+def init_student(teacher: Teacher, seed: int) -> torch.nn.Module:
+    """The student at the start of distillation: new_student + init_from_teacher, seeded (the global RNG is
+    restored afterwards)."""
+    cuda = [teacher.device.index or 0] if teacher.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        student = new_student(teacher).to(teacher.device)
+        student.init_from_teacher(teacher.model)
+    return student
+
+
+def student_constructor(student: torch.nn.Module) -> dict:
+    """What student.json records to rebuild the student: its class and config fields."""
+    return {"class": type(student).__name__, "config": json.loads(json.dumps(dataclasses.asdict(student.config),
+                                                                             default=list))}
+
+
+def load_student(student_dir: Path | str, teacher: Teacher) -> torch.nn.Module:
+    """A trained student from results/<S>/student/ (EMA weights, strict load), codebook attached, eval mode."""
+    student_dir = Path(student_dir)
+    info_path = student_dir / "student.json"
+    if not info_path.is_file():
+        raise StageError(f"{student_dir}: no student.json; run `dd distill --setting <setting>` first")
+    info = json.loads(info_path.read_text())
+    if info.get("codebook_sha256") != teacher.codebook_sha256():
+        raise StageError(f"{info_path}: the student was trained with another codebook than this teacher's; "
+                         f"re-run `dd distill --setting {info.get('setting')}`")
+    config = info["model"]["config"]
+    if info["model"]["class"] == "VARDD":
+        student = VARDD(VARConfig(**config))
+        student.attach_codebook(teacher.codebook)
+    elif info["model"]["class"] == "LlamaGenDD":
+        student = LlamaGenDD(GPTConfig(**config), teacher.codebook)
+    else:
+        raise StageError(f"{info_path}: unknown student class {info['model']['class']!r}")
+    student.load_state_dict(load_file(student_dir / info["weights"]), strict=True)
+    return student.to(teacher.device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+class FeatureDistance(torch.nn.Module):
+    """Toy stand-in for LPIPS: squared distance of the digit classifier's unit-normalised features (as LPIPS
+    normalises its activations) + pixel MSE; per example (B,). Images in [-1, 1]."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+
+    def forward(self, images, targets):
+        size = self.classifier.config.image_size
+        if images.shape[-1] != size:
+            resize = dict(size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            images, targets = F.interpolate(images, **resize), F.interpolate(targets, **resize)
+        features = F.normalize(self.classifier.features(images), dim=-1)
+        target_features = F.normalize(self.classifier.features(targets), dim=-1)
+        return (features - target_features).square().sum(-1) + (images - targets).square().flatten(1).mean(-1)
+
+
+class LpipsDistance(torch.nn.Module):
+    """LPIPS (VGG trunk, v0.1) per example (B,). Built on first use: its trunk needs torchvision's ImageNet VGG16
+    weights, which torch.hub downloads (or finds in its cache)."""
+
+    def __init__(self, net: str = "vgg"):
+        super().__init__()
+        self.net = net
+        self.lpips = None
+
+    def _build(self, device):
+        import dd  # noqa: F401  (the torchvision import shim, before lpips imports torchvision)
+        import lpips
+
+        try:
+            model = lpips.LPIPS(net=self.net, verbose=False)
+        except OSError as err:  # urllib's URLError is an OSError
+            checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+            weights = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}.get(self.net, "<trunk>.pth")
+            raise StageError(f"LPIPS ({self.net}) could not load torchvision's ImageNet trunk weights ({err}); "
+                             f"offline, download https://download.pytorch.org/models/{weights} elsewhere and put "
+                             f"it at {checkpoints / weights} (TORCH_HOME moves that folder)") from None
+        self.lpips = model.to(device).eval().requires_grad_(False)
+
+    def forward(self, images, targets):
+        if self.lpips is None:
+            self._build(images.device)
+        return self.lpips(images, targets, normalize=False).flatten()
+
+
+def perceptual_distance(kind: str, teacher_dir: Path | None = None) -> torch.nn.Module:
+    """The perceptual term of the setting: "lpips" or "feature" (needs the toy teacher's classifier)."""
+    if kind == "lpips":
+        return LpipsDistance("vgg")
+    if kind == "feature":
+        from dd.data import load_classifier
+
+        from dd.toy_teacher import FILES
+
+        path = Path(teacher_dir or ".") / FILES["classifier"]
+        if not path.is_file():
+            raise StageError(f"{path}: the 'feature' perceptual loss needs the toy teacher's digit classifier; "
+                             f"use perceptual: lpips for settings without one")
+        return FeatureDistance(load_classifier(path))
+    raise StageError(f"unknown perceptual loss {kind!r}; expected 'lpips' or 'feature'")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per example mean of values (B, L) over mask (B, L) -> (B,)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def distill_loss(student: sampling.StudentOps, teacher: Teacher, net, labels, noise, tokens, t, split: int,
+                 weights: dict, perceptual: torch.nn.Module | None):
+    """(total loss, {term: detached mean}) of one batch; see the module docstring."""
+    data = teacher.embed(tokens).to(noise.dtype)
+    steps = t.float()
+    x_t = student.perturb(data, steps, noise)
+    conti, logits = student.forward(x_t, labels, steps, net=net)
+    predicted = ~student.given_mask(t)  # the noise positions, >= prefix_len(t)
+    terms = {}
+    if weights.get("ce", 0.0):
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+        terms["ce"] = _masked_mean(ce, predicted).mean()
+    if weights.get("mse", 0.0):
+        terms["mse"] = _masked_mean((conti.float() - data).square().mean(-1), predicted).mean()
+    if weights.get("perceptual", 0.0):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        continuous = predicted & (positions >= student.prefix_len(split))
+        hybrid = torch.where(continuous[..., None], conti.to(data.dtype), data)
+        with torch.no_grad():
+            target_images = teacher.decode_embeddings(data)
+        terms["perceptual"] = perceptual(teacher.decode_embeddings(hybrid), target_images).float().mean()
+    if not terms:
+        raise StageError("distill: every loss weight is 0; set distill.loss_weights (ce, perceptual, mse)")
+    total = sum(weights[name] * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation pieces
+# --------------------------------------------------------------------------------------------------
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up to 1 over warmup_steps, then linear decay to LR_FLOOR at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 1.0 - (1.0 - LR_FLOOR) * min(1.0, progress)
+
+
+def make_optimizer(student: torch.nn.Module, cfg: Distill, fused: bool) -> torch.optim.AdamW:
+    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model with d = min(decay, (1 + step) / (10 + step)): early steps follow the
+    model closely, so short runs are not dominated by the initial weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for shadow, param in zip(ema.parameters(), model.parameters()):
+        shadow.lerp_(param.detach().float(), 1 - d)
+
+
+def _state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def _checkpoint_dirs(work: Path) -> list[Path]:
+    return sorted(work.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _fingerprint(cfg: Distill, student: torch.nn.Module, teacher: Teacher, num_pairs: int) -> str:
+    """What a checkpoint must share with this run to be resumed: the recipe, the student, the data."""
+    blob = json.dumps({"distill": dataclasses.asdict(cfg), "student": student_constructor(student),
+                       "codebook": teacher.codebook_sha256(), "num_pairs": num_pairs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:<current> are the same device; so are cpu and cpu:0."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    return (a.index if a.index is not None else torch.cuda.current_device()) == \
+        (b.index if b.index is not None else torch.cuda.current_device())
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(accelerator, work: Path, step: int, student, ema, optimizer, scheduler, log: dict) -> Path:
+    """Write work/step-<step>/ atomically (every process adds its RNG state); keep the newest KEEP_CHECKPOINTS."""
+    final = work / f"step-{step:08d}"
+    tmp = work / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(_state_tensors(student), str(tmp / "model.safetensors"))
+        save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        write_json(tmp / "state.json", {**log, "step": step, "num_processes": accelerator.num_processes})
+        os.replace(tmp, final)
+        for old in _checkpoint_dirs(work)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path, student, ema, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by save_checkpoint; returns its state.json, with "rng_restored": whether this
+    process's RNG state was in it (not when the number of processes changed)."""
+    student.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    ema.load_state_dict(load_file(folder / "ema.safetensors"), strict=True)
+    optim = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    state = json.loads((folder / "state.json").read_text())
+    rng_path = folder / f"rng-{accelerator.process_index}.pt"
+    state["rng_restored"] = rng_path.is_file() and state["num_processes"] == accelerator.num_processes
+    if state["rng_restored"]:
+        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), accelerator.device)
+    elif accelerator.is_main_process:
+        print(f"[distill] {folder.name}: written by {state['num_processes']} process(es), resumed by "
+              f"{accelerator.num_processes}: data order is kept, the dropout RNG starts afresh", flush=True)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainResult:
+    ema: torch.nn.Module  # the EMA student (float32, eval mode); on the main process
+    history: list  # one record per logged step: step, loss, its terms, lr, grad_norm, examples_per_s
+    resumed_from: int  # the step training resumed at (0 = fresh start)
+    seconds: float  # wall time of this run (not counting earlier runs before a resume)
+    num_processes: int
+
+
+def _grid_labels(num_classes: int) -> torch.Tensor:
+    return (torch.arange(GRID_SAMPLES) * max(1, num_classes // GRID_SAMPLES)) % num_classes
+
+
+def log_sample_grid(tracker, ema, teacher: Teacher, cfg: Distill, step: int) -> None:
+    """DD 1-step samples of the EMA student, fixed labels and noise, to MLflow."""
+    from dd.data import image_grid
+
+    ops = sampling.student_ops(ema)
+    labels = _grid_labels(teacher.num_classes).to(teacher.device)
+    noise = sampling.sample_noise(ops, range(GRID_SAMPLES), cfg.seed)
+    with torch.no_grad():
+        images = teacher.decode_embeddings(sampling.dd_sample(ops, labels, noise, cfg.t_list[:1], cfg.split))
+    tracker.log_image(image_grid(images, nrow=8), f"samples/dd1_step{step:08d}.png")
+
+
+def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, perceptual=None, cpu: bool = False,
+                  micro_batch: int | None = None, tracker=None, callback: Callable[[int, dict], None] | None = None,
+                  progress: bool = True) -> TrainResult:
+    """Distil `teacher` into a fresh student on `pairs` (TensorPairs / ShardedPairs) by the recipe `cfg`.
+
+    work: the checkpoint folder (results/<S>/student.partial); an existing checkpoint with the same recipe, student
+    and data is resumed, a different one is discarded. perceptual: the distance module of the perceptual term
+    (needed when its weight is > 0). cpu: force the CPU even where CUDA is available. micro_batch: split each
+    process's share of the global batch into micro-batches of this size and accumulate their gradients (memory: the
+    perceptual term decodes images with gradients); the update is that of the whole batch (up to float rounding
+    and the drop-path draws, which are made per micro-batch). tracker: an mlflow-like
+    object (log_metrics(dict, step=), log_image(image, name)); only the main process uses it. callback(step, record)
+    runs after every optimizer step on every process (tests use it to simulate a crash). The global torch RNG
+    (drop-path) is seeded from (cfg.seed, process) on a fresh start and restored from the checkpoint on resume.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    work = Path(work)
+    weights = {k: float(v) for k, v in cfg.loss_weights.items()}
+    if weights.get("perceptual", 0.0) and perceptual is None:
+        raise StageError("distill: loss_weights.perceptual > 0 needs a perceptual distance (perceptual=)")
+    use_cpu = cpu or not torch.cuda.is_available()
+    # A head whose loss term is off gets no gradient; DDP must be told, or it waits for it forever.
+    unused = not weights.get("ce", 0.0) or not (weights.get("perceptual", 0.0) or weights.get("mse", 0.0))
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else "bf16",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise StageError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
+                         f"change the batch size or --num_processes")
+    if not _same_device(teacher.device, device):
+        raise StageError(f"distill: the teacher is on {teacher.device}, the accelerator on {device}; load the "
+                         f"teacher with device=accelerator.device")
+    local = cfg.batch_size // world
+    micro = micro_batch or local
+    if micro < 1 or local % micro:
+        raise StageError(f"distill: --micro-batch {micro_batch} must divide the per-process batch {local} "
+                         f"(distill.batch_size {cfg.batch_size} / {world} processes)")
+    if perceptual is not None:
+        perceptual = perceptual.to(device)
+
+    student = init_student(teacher, cfg.seed).train()
+    ops = sampling.student_ops(student)
+    if max(cfg.t_list) >= ops.num_units or not 0 <= cfg.split <= ops.num_units:
+        raise StageError(f"distill: t_list {cfg.t_list} must lie in [0, {ops.num_units}) and split {cfg.split} in "
+                         f"[0, {ops.num_units}]: the teacher's AR steps ({teacher.family}: "
+                         f"{'scales' if teacher.family == 'var' else 'tokens'}); fix distill in params.yaml")
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = make_optimizer(student, cfg, fused=not use_cpu)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
+    fingerprint = _fingerprint(cfg, student, teacher, len(pairs))
+
+    step, history, window, rng_restored = 0, [], [], False
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        for leftover in work.glob(".step-*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    checkpoints = _checkpoint_dirs(work)
+    if checkpoints:
+        state = json.loads((checkpoints[-1] / "state.json").read_text())
+        if state.get("fingerprint") == fingerprint:
+            state = load_checkpoint(accelerator, checkpoints[-1], student, ema, optimizer, scheduler)
+            step, history, window = state["step"], state["history"], state["window"]
+            rng_restored = state["rng_restored"]
+            if main:
+                print(f"[distill] resuming from {checkpoints[-1]} (step {step} of {cfg.max_steps})", flush=True)
+        else:
+            accelerator.wait_for_everyone()
+            if main:
+                print(f"[distill] {work}: checkpoints of another recipe, student or data set; starting over",
+                      flush=True)
+                for old in checkpoints:
+                    shutil.rmtree(old, ignore_errors=True)
+            accelerator.wait_for_everyone()
+    resumed_from = step
+    if not rng_restored:  # the drop-path / dropout draws of this process: a function of (seed, process, step)
+        torch.manual_seed(_mix(cfg.seed, 2, rank, step))
+
+    net, optimizer = accelerator.prepare(student, optimizer)
+    started = time.perf_counter()
+    interval_started, interval_examples = time.perf_counter(), 0
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="[distill]", unit="step", disable=not (main and progress),
+               smoothing=0.1)
+    while step < cfg.max_steps:
+        indices = global_batch(len(pairs), cfg.batch_size, cfg.seed, step)[rank * local:(rank + 1) * local]
+        t = global_timesteps(cfg.t_list, cfg.batch_size, cfg.seed, step)[rank * local:(rank + 1) * local]
+        batch = [x.to(device) for x in (*pairs.get(indices), t)]
+        optimizer.zero_grad(set_to_none=True)
+        loss, terms = 0.0, {}
+        for start in range(0, local, micro):  # gradient accumulation; DDP syncs on the last micro-batch only
+            chunk = [x[start:start + micro] for x in batch]
+            last = start + micro == local
+            with contextlib.nullcontext() if last else accelerator.no_sync(net):
+                with accelerator.autocast():
+                    chunk_loss, chunk_terms = distill_loss(ops, teacher, net, *chunk, cfg.split, weights, perceptual)
+                accelerator.backward(chunk_loss * (micro / local))
+            loss = loss + chunk_loss.detach() * (micro / local)
+            for name, value in chunk_terms.items():
+                terms[name] = terms.get(name, 0.0) + value * (micro / local)
+        grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate of this step
+        optimizer.step()
+        scheduler.step()
+        ema_update(ema, student, cfg.ema_decay, step)
+        step += 1
+        interval_examples += cfg.batch_size
+
+        numbers = torch.stack([loss.float(), grad_norm.float(), *terms.values()])
+        numbers = accelerator.reduce(numbers, reduction="mean").tolist()
+        window.append(numbers)
+        record = None
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean = np.mean(window, axis=0).tolist()
+            elapsed = time.perf_counter() - interval_started
+            record = {"step": step, "loss": mean[0], "grad_norm": mean[1],
+                      **{f"loss.{name}": value for name, value in zip(terms, mean[2:])},
+                      "lr": lr}
+            history.append(record)
+            window = []
+            if main and tracker is not None:
+                tracker.log_metrics({**record, "examples_per_s": interval_examples / elapsed}, step=step)
+            interval_started, interval_examples = time.perf_counter(), 0
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            epoch, offset = divmod(step * cfg.batch_size, len(pairs))  # informative: step fixes the data order
+            save_checkpoint(accelerator, work, step, student, ema, optimizer, scheduler,
+                            {"fingerprint": fingerprint, "history": history, "window": window,
+                             "data_position": {"examples_seen": step * cfg.batch_size, "epoch": epoch,
+                                               "offset_in_epoch": offset}})
+            if main and tracker is not None:
+                log_sample_grid(tracker, ema, teacher, cfg, step)
+        if callback is not None:
+            callback(step, record or {})
+    bar.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(ema=ema, history=history, resumed_from=resumed_from, seconds=time.perf_counter() - started,
+                       num_processes=world)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def student_dir(params: Params, setting: Setting) -> Path:
+    return params.path.parent / "results" / setting.name / "student"
+
+
+@torch.no_grad()
+def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
+    """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
+    their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed)."""
+    ops = sampling.student_ops(ema)
+    cfg = setting.distill
+    n = setting.teacher.gates.num_samples if setting.teacher.gates else setting.sample.num_samples
+    labels = torch.arange(n) % setting.num_classes
+    result = {}
+    for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
+        if method.teacher_start is not None:
+            continue
+        images = torch.cat([x.cpu() for _, x in sampling.sample_batches(ops, method, labels, setting.sample.seed,
+                                                                        setting.sample.batch_size, teacher)])
+        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, labels)
+    return result
+
+
+def run_distill_stage(params: Params, setting: Setting, device: str | None = None,
+                      micro_batch: int | None = None) -> Path:
+    """Make results/<setting>/student/ from the teacher and its pairs; returns its path. device: "cpu", "cuda" or
+    None (cuda where available); micro_batch: see train_student (a memory setting, not part of the recipe)."""
+    from accelerate import PartialState
+
+    from dd.data import image_grid, load_classifier
+    from dd.pairs import pairs_dir
+    from dd.teacher import load_teacher
+    from dd.teacher_stage import teacher_dir
+    from dd.toy_teacher import FILES as TOY_FILES
+    from dd.tracking import stage_run
+
+    cfg = setting.distill
+    if device not in (None, "cpu", "cuda"):
+        raise StageError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda: no CUDA device is visible to torch")
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    final, t_dir = student_dir(params, setting), teacher_dir(params, setting)
+    work = final.with_name(final.name + ".partial")
+    teacher = load_teacher(setting, t_dir, state.device)
+    pairs = ShardedPairs(pairs_dir(params, setting), teacher)
+    perceptual = perceptual_distance(cfg.perceptual, t_dir) if cfg.loss_weights.get("perceptual", 0.0) else None
+
+    def train(tracker):
+        return train_student(teacher, pairs, cfg, work, perceptual=perceptual, cpu=cpu, micro_batch=micro_batch,
+                             tracker=tracker)
+
+    if not state.is_main_process:
+        train(None)
+        return final
+    extra = {"distill.num_processes": state.num_processes, "distill.device": state.device.type}
+    with stage_run(params, setting, "distill", extra) as mlflow:
+        result = train(mlflow)
+        metrics = {"steps": cfg.max_steps, "resumed_from": result.resumed_from, "seconds": result.seconds,
+                   "num_processes": result.num_processes, "num_pairs": len(pairs),
+                   "final_loss": result.history[-1]["loss"]}
+        classifier_path = t_dir / TOY_FILES["classifier"]
+        if classifier_path.is_file():
+            classifier = load_classifier(classifier_path, device=state.device)
+            metrics.update(toy_gate(result.ema, teacher, setting, classifier))
+            teacher_info = json.loads((t_dir / "teacher.json").read_text())
+            teacher_rate = teacher_info.get("metrics", {}).get("sample_accuracy")
+            if teacher_rate is not None:
+                metrics["teacher.class_accuracy"] = teacher_rate
+            rates = ", ".join(f"{k.split('.')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("class_accuracy"))
+            print(f"[distill] {setting.name}: samples classified as their conditioning class: {rates} "
+                  f"({cfg.max_steps} steps, {result.seconds:.0f}s)", flush=True)
+        mlflow.log_metrics(metrics)
+        with atomic_dir(final) as out:
+            save_file(_state_tensors(result.ema), str(out / STUDENT_FILE))
+            ops = sampling.student_ops(result.ema)
+            labels = _grid_labels(teacher.num_classes).to(teacher.device)
+            noise = sampling.sample_noise(ops, range(GRID_SAMPLES), cfg.seed)
+            images = teacher.decode_embeddings(sampling.dd_sample(ops, labels, noise, cfg.t_list[:1], cfg.split))
+            image_grid(images, nrow=8).save(out / "samples.png")
+            write_json(out / "metrics.json", {**metrics, "history": result.history})
+            write_json(out / "student.json", {
+                "setting": setting.name, "family": setting.family, "model": student_constructor(result.ema),
+                "weights": STUDENT_FILE, "ema_decay": cfg.ema_decay, "t_list": cfg.t_list, "split": cfg.split,
+                "codebook_sha256": teacher.codebook_sha256(), "distill": dataclasses.asdict(cfg),
+                "pairs_manifest_sha256": hashlib.sha256((pairs_dir(params, setting) / "manifest.json")
+                                                        .read_bytes()).hexdigest()})
+        mlflow.log_artifact(str(final / "samples.png"))
+        mlflow.log_artifact(str(final / "metrics.json"))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"[distill] {setting.name}: student -> {final} ({cfg.max_steps} steps, final loss "
+          f"{metrics['final_loss']:.4f}, {result.seconds:.0f}s on {result.num_processes} process(es))", flush=True)
+    return final

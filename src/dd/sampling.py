@@ -1,0 +1,319 @@
+"""DD sampling: few-step generation and teacher-involved ("pre-trained-n-m") generation, for both families.
+
+Few-step (reference/dd-paper.md §1.6; official VAR/sample.py, LlamaGen/eval_fewstep.py):
+    x = noise
+    for t in t_list:                                   # (0,) = 1 step, (0, t2) = 2 steps
+        x_t = perturb(x, t, noise)                     # keep x's prefix < t, the ORIGINAL noise elsewhere
+        x = final_sequence(final_predict(x_t, t), split)   # argmax codes before split, continuous from split on
+The second step restarts from X_{t2}: the first step's prefix plus the same initial noise (fresh noise would
+leave the trajectory the student was trained on).
+
+Teacher-involved (§1.7; combine_sample.py, eval_combine_sample.py), t_list = (0, t2) and teacher_start = n:
+    1. n > 0: one DD step from pure noise, quantise to the nearest codes, keep the prefix < n;
+    2. the teacher continues by its ordinary stochastic sampling (cfg / top-k / top-p of the setting) from
+       n up to t2;
+    3. codes of that prefix + the original noise after it, one more DD step at t = t2.
+"pre-trained-n-m" (1-based, the paper's names) = teacher_start n - 1 and t2 = m - 1 (code units).
+
+Units: t, t_list, split and teacher_start are the teacher's AR steps, as in the official code: scales for VAR
+(t = 5 means the 55 tokens of scales 1x1..5x5 are given), tokens for LlamaGen. `StudentOps.prefix_len(t)`
+converts to tokens. Sequences are (B, L, C) in the teacher's token layout: VAR scales concatenated coarse to fine
+(codebook rows, not f_hat), LlamaGen raster order (l2-normalised codes).
+
+The teacher side is the Teacher seam (dd.teacher: `sample_tokens` continues its sampling from a prefix,
+`decode_embeddings` decodes a sequence); the student side is one small adapter per family, `StudentOps` (argument
+order, timestep units). Everything else here is family-agnostic.
+
+Seeding: the noise of sample i is drawn from a generator seeded by (seed, i), so the same index gets the same noise
+whatever the batch size and whatever the method (Appendix F renders one noise with every method); the teacher's
+draws use one generator per batch, seeded by (seed, first index of the batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from dd.models.dd_llamagen import LlamaGenDD
+from dd.models.dd_var import VARDD
+from dd.teacher import Teacher
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods (named presets)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One sampling recipe. teacher_start None = pure DD steps; otherwise teacher-involved (t_list = (0, t2))."""
+    name: str
+    t_list: tuple[int, ...]
+    split: int
+    teacher_start: int | None = None
+
+    def __post_init__(self):
+        if not self.t_list or self.t_list[0] != 0 or list(self.t_list) != sorted(set(self.t_list)):
+            raise ValueError(f"sampling method {self.name!r}: t_list must start at 0 and increase, got {self.t_list}")
+        if self.teacher_start is not None:
+            if len(self.t_list) != 2:
+                raise ValueError(f"sampling method {self.name!r}: teacher-involved sampling needs t_list = (0, t2), "
+                                 f"got {self.t_list}")
+            if not 0 <= self.teacher_start < self.t_list[1]:
+                raise ValueError(f"sampling method {self.name!r}: teacher_start must lie in [0, t2={self.t_list[1]}),"
+                                 f" got {self.teacher_start}")
+
+    @property
+    def network_steps(self) -> int:
+        """Forward passes per image (the paper's #Step): DD steps + teacher AR steps."""
+        if self.teacher_start is None:
+            return len(self.t_list)
+        return (1 if self.teacher_start > 0 else 0) + (self.t_list[1] - self.teacher_start) + 1
+
+
+def pretrained_name(teacher_start: int, t2: int) -> str:
+    """The paper's 1-based name: the teacher regenerates units teacher_start+1 .. t2 (n .. m-1)."""
+    return f"pre-trained-{teacher_start + 1}-{t2 + 1}"
+
+
+# Table 2 (reference/dd-paper.md §5.1): (teacher_start, split) per row; t_list (0, 5) / (0, 80).
+TABLE2 = {
+    "var-d16": {"t_list": (0, 5), "rows": [(4, 5), (3, 8), (0, 9)]},          # 3, 4, 6 steps
+    "llamagen-l": {"t_list": (0, 80), "rows": [(60, 180), (40, 180), (0, 220)]},  # 22, 42, 81 steps
+}
+
+
+def methods_for(setting_name: str, t_list, split: int) -> dict[str, Method]:
+    """The named sampling methods of a setting: dd-1step, dd-2step (the distill t_list and split), the paper's
+    Table 2 teacher-involved rows where the setting has them, else one teacher-involved method in which the
+    teacher makes the whole prefix up to t2 (pre-trained-1-{t2+1})."""
+    t_list = tuple(int(t) for t in t_list)
+    methods = {"dd-1step": Method("dd-1step", t_list[:1], split)}
+    if len(t_list) > 1:
+        methods["dd-2step"] = Method("dd-2step", t_list[:2], split)
+        rows = TABLE2.get(setting_name)
+        if rows is not None and rows["t_list"] == t_list[:2]:
+            for start, row_split in rows["rows"]:
+                name = pretrained_name(start, t_list[1])
+                methods[name] = Method(name, t_list[:2], row_split, teacher_start=start)
+        else:
+            name = pretrained_name(0, t_list[1])
+            methods[name] = Method(name, t_list[:2], split, teacher_start=0)
+    return methods
+
+
+# --------------------------------------------------------------------------------------------------
+# Student adapters: one API over VARDD and LlamaGenDD
+# --------------------------------------------------------------------------------------------------
+class StudentOps:
+    """What sampling and distillation need from a DD student, in teacher units and token layout.
+
+    `net` arguments take the module to run (a DistributedDataParallel wrapper during training); by default the
+    bare student."""
+
+    family: str
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.model.codebook
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.device
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def token_dim(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def num_units(self) -> int:
+        """AR steps of the teacher (VAR scales, LlamaGen tokens): t lies in [0, num_units)."""
+        raise NotImplementedError
+
+    def prefix_len(self, t: int) -> int:
+        """Tokens given as data at timestep t (or kept discrete at split t)."""
+        raise NotImplementedError
+
+    def steps(self, t, batch: int) -> torch.Tensor:
+        """t (int or [B]) -> the float timestep tensor [B] the official scripts pass."""
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        return t.expand(batch).contiguous() if t.ndim == 0 else t
+
+    def forward(self, x_t, labels, t, net=None):
+        raise NotImplementedError
+
+    def final_predict(self, x_t, labels, t):
+        raise NotImplementedError
+
+    def final_sequence(self, conti, logits, split: int):
+        return self.model.final_sequence(conti, logits, split)
+
+    def perturb(self, x, t, noise):
+        return self.model.perturb(x, t, noise)
+
+    def nearest_code(self, x):
+        return self.model.nearest_code(x)
+
+    def given_mask(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: positions given as data at timestep t [B] (the prefix)."""
+        counts = torch.tensor([self.prefix_len(u) for u in range(self.num_units + 1)], device=t.device)
+        return torch.arange(self.seq_len, device=t.device)[None] < counts[t.long()][:, None]
+
+
+class VarStudentOps(StudentOps):
+    family = "var"
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        if self.model.codebook is None:
+            raise RuntimeError("VARDD student has no codebook: call student.attach_codebook(vae.quantize.embedding"
+                               ".weight) first")
+        return self.model.codebook
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.L
+
+    @property
+    def num_units(self) -> int:
+        return self.model.num_scales
+
+    def prefix_len(self, t: int) -> int:
+        return self.model.tokens_in_scales_before(int(t))
+
+    def forward(self, x_t, labels, t, net=None):
+        return (net or self.model)(labels, x_t, t)
+
+    def final_predict(self, x_t, labels, t):
+        return self.model.final_predict(labels, x_t, t)
+
+
+class LlamaGenStudentOps(StudentOps):
+    family = "llamagen"
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.config.block_size
+
+    @property
+    def num_units(self) -> int:
+        return self.model.config.block_size
+
+    def prefix_len(self, t: int) -> int:
+        return int(t)
+
+    def forward(self, x_t, labels, t, net=None):
+        return (net or self.model)(x_t, labels, t)
+
+    def final_predict(self, x_t, labels, t):
+        return self.model.final_predict(x_t, labels, t)
+
+
+def student_ops(model) -> StudentOps:
+    if isinstance(model, VARDD):
+        return VarStudentOps(model)
+    if isinstance(model, LlamaGenDD):
+        return LlamaGenStudentOps(model)
+    raise TypeError(f"student_ops: expected a VARDD or LlamaGenDD student, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def dd_steps(student: StudentOps, labels, x, noise, t_list, split: int) -> torch.Tensor:
+    """Run DD steps from sequence x: for each t, keep x's prefix < t, re-insert the ORIGINAL noise after it,
+    predict, and form the final sequence (codes before split, continuous from split on)."""
+    for t in t_list:
+        steps = student.steps(int(t), x.shape[0])
+        x_t = student.perturb(x, steps, noise)
+        x = student.final_sequence(*student.final_predict(x_t, labels, steps), split)
+    return x
+
+
+@torch.no_grad()
+def dd_sample(student: StudentOps, labels, noise, t_list, split: int) -> torch.Tensor:
+    """Few-step DD sampling from noise (B, L, C): len(t_list) forward passes. Returns the sequence (B, L, C)."""
+    return dd_steps(student, labels, noise, noise, t_list, split)
+
+
+@torch.no_grad()
+def teacher_involved_sample(student: StudentOps, teacher: Teacher, labels, noise, t_list, teacher_start: int,
+                            split: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DD step -> the teacher's own sampling (teacher.sampling: cfg, top-k, top-p) of AR steps
+    teacher_start..t2-1 -> DD step at t2. `generator` drives the teacher's draws (on the teacher's device)."""
+    first, t2 = (int(t) for t in t_list)
+    prefix = None
+    if teacher_start > 0:
+        x = dd_steps(student, labels, noise, noise, [first], split)
+        prefix = student.nearest_code(x)[:, :student.prefix_len(teacher_start)]
+    tokens = teacher.sample_tokens(labels, generator=generator, prefix=prefix, num_steps=t2)
+    given = student.prefix_len(t2)
+    x = torch.cat([student.codebook[tokens.to(student.device)].to(noise.dtype), noise[:, given:]], dim=1)
+    return dd_steps(student, labels, x, noise, [t2], split)
+
+
+def run_method(student: StudentOps, method: Method, labels, noise, teacher: Teacher | None = None,
+               generator: torch.Generator | None = None):
+    """One batch of one method -> the final sequence (B, L, C)."""
+    if method.teacher_start is None:
+        return dd_sample(student, labels, noise, method.t_list, method.split)
+    if teacher is None:
+        raise ValueError(f"sampling method {method.name!r} involves the teacher: pass teacher=")
+    return teacher_involved_sample(student, teacher, labels, noise, method.t_list, method.teacher_start,
+                                   method.split, generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded, batched driver
+# --------------------------------------------------------------------------------------------------
+_SEED_STRIDE = 1_000_003  # a prime; (seed, index) -> one generator seed, distinct for index < stride
+
+
+def sample_noise(student: StudentOps, indices, seed: int) -> torch.Tensor:
+    """The initial noise (B, L, C) of samples `indices`; sample i depends only on (seed, i)."""
+    shape = (student.seq_len, student.token_dim)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * _SEED_STRIDE + int(i)))
+             for i in indices]
+    return torch.stack(noise).to(student.device)
+
+
+def teacher_generator(device, seed: int, first_index: int) -> torch.Generator:
+    """The teacher's generator for the batch starting at first_index (on the teacher's device)."""
+    return torch.Generator(device=device).manual_seed((seed + 1) * _SEED_STRIDE * 7 + first_index)
+
+
+@torch.no_grad()
+def sample_batches(student: StudentOps, method: Method, labels: torch.Tensor, seed: int, batch_size: int,
+                   teacher: Teacher | None = None, decode: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first index, images (B, 3, H, W) in [-1, 1]) — or the sequences (B, L, C) with decode=False —
+    for all labels, batch by batch. Deterministic given (seed, labels, batch_size)."""
+    if batch_size < 1:
+        raise ValueError(f"sample_batches: batch_size must be >= 1, got {batch_size}")
+    if decode and teacher is None:
+        raise ValueError("sample_batches: decoding needs teacher= (its tokenizer decodes the sequences)")
+    for start in range(0, labels.shape[0], batch_size):
+        batch_labels = labels[start:start + batch_size].to(student.device)
+        noise = sample_noise(student, range(start, start + batch_labels.shape[0]), seed)
+        generator = None
+        if method.teacher_start is not None:
+            generator = teacher_generator(student.device, seed, start)
+        x = run_method(student, method, batch_labels, noise, teacher, generator)
+        yield start, (teacher.decode_embeddings(x) if decode else x)
+
+
+def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of images (in [-1, 1]) the digit classifier assigns to their conditioning label (toy settings)."""
+    from dd.data import classify
+
+    size = classifier.config.image_size
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (classify(classifier, images.cpu()) == labels.cpu()).float().mean().item()

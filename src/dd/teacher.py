@@ -1,0 +1,346 @@
+"""The Teacher seam: everything DD needs from a pre-trained image AR model, for VAR and LlamaGen.
+
+flow.py, pairs.py and most of the distillation talk to a `Teacher` and nothing else
+(../shared/DESIGN.md, "The seam that keeps DD family-agnostic"):
+
+    codebook            (V, C) token embedding vectors (VAR 4096 x 32; LlamaGen 16384 x 8, l2-normalised)
+    schedule            tokens per AR step: VAR pn^2 per scale, LlamaGen 1 per raster token
+    sample_tokens       the teacher's own ancestral sampler with the setting's teacher_sampling; a `draw`
+                        hook replaces the categorical draw (the flow map of DD, `flow_tokens`)
+    next_probs          the distribution that sampler draws the next step from, given a prefix
+    decode_tokens       token indices -> images;  decode_embeddings: continuous tokens -> images (DD)
+
+Token sequences are flat (B, L) int64 in the teacher's AR order (VAR: the scales coarse to fine, each
+row-major; LlamaGen: raster order). Continuous sequences are (B, L, C). Images are in [-1, 1].
+
+A draw hook is `draw(probs (B, n, V), step) -> indices (B, n)`: `probs` is the sampling distribution
+of the n tokens of AR step `step` (after CFG, top-k/top-p and temperature), the indices are what the
+sampler feeds back. Both families' samplers call it with exactly the tensor they would draw from,
+so the flow map sees the teacher's own distribution by construction; `next_probs` recovers that
+tensor for any prefix through the same sampler (prefix replayed through the KV cache), which is what
+the tests compare.
+
+`load_teacher(setting, teacher_dir, device)` builds a Teacher from the teacher stage's folder:
+official checkpoints (hub settings, strict load into our state_dict-compatible models) or the toy
+teacher's safetensors + constructor kwargs (teacher.json written by dd.toy_teacher).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file
+
+from dd import hub
+from dd.config import Setting, TeacherSampling
+from dd.errors import StageError
+from dd.flow import tokens_from_noise
+from dd.models.llamagen import GPT_CONFIGS, LlamaGenGPT, generate
+from dd.models.llamagen_vq import VQ_CONFIGS, VQModel
+from dd.models.var import VAR
+from dd.models.var_vqvae import VQVAE
+
+DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class Teacher(abc.ABC):
+    """A frozen tokenizer + AR model pair behind the family-agnostic seam (module docstring).
+
+    Subclasses implement `_sample` (the family's sampler) and the two decoders; the step bookkeeping,
+    `next_probs` and the flow map live here once.
+    """
+
+    family: str
+
+    def __init__(self, tokenizer: torch.nn.Module, model: torch.nn.Module, sampling: TeacherSampling,
+                 num_classes: int, schedule: list[int], codebook: torch.Tensor, files: Optional[dict] = None):
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
+        self.sampling = sampling
+        self.num_classes = num_classes
+        self.schedule = list(schedule)
+        self.step_starts = [0]
+        for n in self.schedule:
+            self.step_starts.append(self.step_starts[-1] + n)
+        self.num_tokens = self.step_starts[-1]
+        self.codebook = codebook.detach()
+        self.vocab_size, self.token_dim = self.codebook.shape
+        self.files = dict(files or {})  # role -> Path of the weights this teacher was loaded from
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook.device
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.schedule)
+
+    def codebook_sha256(self) -> str:
+        """Identity of the codebook (float32 bytes, row-major): pairs record it."""
+        return hashlib.sha256(self.codebook.float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def step_of(self, length: int, what: str = "prefix") -> int:
+        """The number of whole AR steps in a token prefix of `length`; an error if it splits a step."""
+        if length not in self.step_starts:
+            raise ValueError(f"{what} of {length} tokens does not end at an AR step boundary of this "
+                             f"{self.family} teacher; boundaries: {self.step_starts}")
+        return self.step_starts.index(length)
+
+    # ------------------------------------------------------------------------------ sampling
+    def sample_tokens(self, labels: torch.Tensor, draw: Optional[DrawFn] = None,
+                      generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
+                      num_steps: Optional[int] = None) -> torch.Tensor:
+        """Ancestral sampling with the setting's teacher_sampling: int64 tokens (B, L') on the device.
+
+        draw: the hook of the module docstring (default: the sampler's own multinomial draw with
+        `generator`, which must live on the teacher's device). prefix (B, l): given tokens of the
+        first whole steps, replayed through the KV cache. num_steps: stop after this many AR steps
+        (default all); L' = tokens of those steps, prefix included.
+        """
+        labels = self._check_labels(labels)
+        prefix_steps = 0
+        if prefix is not None:
+            if prefix.dim() != 2 or prefix.shape[0] != labels.shape[0]:
+                raise ValueError(f"sample_tokens: prefix must be (B={labels.shape[0]}, l), got {tuple(prefix.shape)}")
+            prefix = prefix.to(self.device, torch.long)
+            prefix_steps = self.step_of(prefix.shape[1])
+        num_steps = self.num_steps if num_steps is None else num_steps
+        if not prefix_steps < num_steps <= self.num_steps:
+            raise ValueError(f"sample_tokens: need prefix steps ({prefix_steps}) < num_steps ({num_steps}) <= "
+                             f"{self.num_steps}")
+        return self._sample(labels, draw, generator, prefix, prefix_steps, num_steps)
+
+    def next_probs(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution (B, n, V) of the AR step that follows `prefix` (B, l), l a step
+        boundary (0 for the first step): exactly the tensor `sample_tokens` draws that step from."""
+        seen = {}
+
+        def capture(probs, step):
+            seen["probs"] = probs
+            return probs.argmax(dim=-1)
+
+        step = self.step_of(prefix.shape[1])
+        self.sample_tokens(labels, draw=capture, prefix=prefix if prefix.shape[1] else None, num_steps=step + 1)
+        return seen["probs"]
+
+    def flow_tokens(self, noise: torch.Tensor, labels: torch.Tensor, solver: Optional[dict] = None,
+                    num_steps: Optional[int] = None) -> torch.Tensor:
+        """DD's deterministic trajectory endpoint: run the sampler in AR order with every token's draw
+        replaced by the flow-matching map of its own noise vector (dd.flow.tokens_from_noise).
+
+        noise (B, L, C) on any device, labels (B,); solver: tokens_from_noise keyword arguments (the
+        setting's flow.solver); num_steps: stop after this many AR steps (default all). Returns the
+        token indices (B, L') int64 on the teacher's device.
+        """
+        if noise.dim() != 3 or tuple(noise.shape[1:]) != (self.num_tokens, self.token_dim):
+            raise ValueError(f"flow_tokens: noise must be (B, {self.num_tokens}, {self.token_dim}), "
+                             f"got {tuple(noise.shape)}")
+        noise = noise.to(self.device, torch.float32)
+        solver = dict(solver or {})
+
+        def flow_draw(probs, step):
+            batch, n, vocab = probs.shape
+            start = self.step_starts[step]
+            eps = noise[:, start:start + n].reshape(batch * n, self.token_dim)
+            index, _ = tokens_from_noise(eps, probs.reshape(batch * n, vocab), self.codebook, **solver)
+            return index.view(batch, n)
+
+        return self.sample_tokens(labels, draw=flow_draw, num_steps=num_steps)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token indices (B, L) -> codebook vectors (B, L, C): DD's clean data layout."""
+        return self.codebook[tokens]
+
+    # ------------------------------------------------------------------------------ family parts
+    @abc.abstractmethod
+    def _sample(self, labels, draw, generator, prefix, prefix_steps, num_steps) -> torch.Tensor:
+        """The family's sampler on checked inputs (see sample_tokens)."""
+
+    @abc.abstractmethod
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token indices (B, L) -> images (B, 3, H, W) in [-1, 1]."""
+
+    @abc.abstractmethod
+    def decode_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Continuous tokens (B, L, C) -> images (B, 3, H, W) in [-1, 1]; differentiable in x (the
+        tokenizer's weights are frozen), as DD's perceptual loss needs."""
+
+    # ------------------------------------------------------------------------------ checks
+    def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D tensor of class indices, got {getattr(labels, 'shape', labels)!r}")
+        labels = labels.to(self.device, torch.long)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got {int(labels.min())}.."
+                             f"{int(labels.max())}")
+        return labels
+
+    def _check_sequence(self, x: torch.Tensor, what: str, trailing: tuple) -> None:
+        if x.dim() != 2 + len(trailing) or x.shape[1] != self.num_tokens or tuple(x.shape[2:]) != trailing:
+            shape = ", ".join(["B", str(self.num_tokens), *map(str, trailing)])
+            raise ValueError(f"{what}: expected ({shape}), got {tuple(x.shape)}")
+
+
+class VarTeacher(Teacher):
+    """VAR (next-scale prediction) + its multi-scale residual VQVAE."""
+
+    family = "var"
+
+    def __init__(self, vae: VQVAE, model: VAR, sampling: TeacherSampling, files: Optional[dict] = None):
+        if tuple(vae.patch_nums) != tuple(model.patch_nums) or vae.V != model.V or vae.Cvae != model.Cvae:
+            raise ValueError(f"VarTeacher: VQVAE (patch_nums {vae.patch_nums}, V {vae.V}, Cvae {vae.Cvae}) does "
+                             f"not match VAR (patch_nums {model.patch_nums}, V {model.V}, Cvae {model.Cvae})")
+        super().__init__(vae, model, sampling, model.num_classes, [pn * pn for pn in model.patch_nums],
+                         vae.quantize.embedding.weight, files)
+
+    def _sample(self, labels, draw, generator, prefix, prefix_steps, num_steps):
+        s = self.sampling
+        prefix_idx = [] if prefix is None else list(prefix.split(self.schedule[:prefix_steps], dim=1))
+        # VAR.sample also decodes the image when it runs every scale; the tokens are what we return.
+        _, idx_list = self.model.sample(self.tokenizer, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+                                        temperature=s.temperature, generator=generator, draw=draw,
+                                        prefix_idx=prefix_idx, end_scale=num_steps)
+        return torch.cat(idx_list, dim=1)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens):
+        self._check_sequence(tokens, "VarTeacher.decode_tokens", ())
+        return self.tokenizer.idx_list_to_img(list(tokens.split(self.schedule, dim=1)))
+
+    def decode_embeddings(self, x):
+        self._check_sequence(x, "VarTeacher.decode_embeddings", (self.token_dim,))
+        return self.tokenizer.fhat_to_img(self.tokenizer.tokens_to_fhat(x))
+
+
+class LlamaGenTeacher(Teacher):
+    """LlamaGen class-conditional GPT (raster order, one token per step) + its VQ tokenizer."""
+
+    family = "llamagen"
+
+    def __init__(self, vq: VQModel, model: LlamaGenGPT, sampling: TeacherSampling, files: Optional[dict] = None):
+        c = model.config
+        if vq.config.codebook_size != c.vocab_size:
+            raise ValueError(f"LlamaGenTeacher: VQ codebook_size {vq.config.codebook_size} does not match the "
+                             f"GPT's vocab_size {c.vocab_size}")
+        # The codes the VQ decodes are the l2-normalised rows; the flow map works with the same vectors.
+        super().__init__(vq, model, sampling, c.num_classes, [1] * c.block_size, vq.quantize.codebook(), files)
+        self.grid = c.grid_size
+
+    def _sample(self, labels, draw, generator, prefix, prefix_steps, num_steps):
+        s = self.sampling
+        if prefix is not None and s.cfg_interval != -1:
+            # generate() counts cfg_interval from the first new token (the official intermediate_generate
+            # does the same), which differs from a full run's guidance once a prefix is given.
+            raise ValueError(f"LlamaGenTeacher: a prefix with cfg_interval={s.cfg_interval} would change which "
+                             f"tokens are guided; use cfg_interval -1 (every setting does) or sample without a prefix")
+        hook = None if draw is None else (lambda probs, position: draw(probs[:, None], position)[:, 0])
+        return generate(self.model, labels, num_steps - prefix_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator,
+                        prefix=prefix, draw=hook)
+
+    def _grid(self, x):
+        """(B, L, C) -> (B, C, h, w) in raster order."""
+        return x.reshape(x.shape[0], self.grid, self.grid, self.token_dim).permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens):
+        self._check_sequence(tokens, "LlamaGenTeacher.decode_tokens", ())
+        return self.tokenizer.decode(self._grid(self.codebook[tokens])).clamp(-1, 1)
+
+    def decode_embeddings(self, x):
+        self._check_sequence(x, "LlamaGenTeacher.decode_embeddings", (self.token_dim,))
+        return self.tokenizer.decode(self._grid(x)).clamp(-1, 1)
+
+
+TEACHERS = {"var": VarTeacher, "llamagen": LlamaGenTeacher}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building from the teacher stage's folder
+# --------------------------------------------------------------------------------------------------
+def _expand_preset(block: dict, presets: dict, where: str) -> dict:
+    """A LlamaGen block {preset: NAME, **overrides} -> the preset's full config fields with the overrides."""
+    block = dict(block)
+    if "preset" not in block:
+        return block
+    name = block.pop("preset")
+    if name not in presets:
+        raise StageError(f"{where}.preset: unknown preset {name!r}; known: {', '.join(sorted(presets))}")
+    return {**dataclasses.asdict(presets[name]), **block}
+
+
+def setting_model_kwargs(setting: Setting) -> tuple[dict, dict]:
+    """The full constructor kwargs (tokenizer, AR model) of a setting's teacher block, presets expanded
+    and checked against the image size and each other (the same derivation the toy teacher stores)."""
+    from dd.toy_teacher import teacher_kwargs, tokenizer_kwargs
+
+    t = setting.teacher
+    where = f"settings.{setting.name}.teacher"
+    if setting.family == "llamagen":
+        t = dataclasses.replace(t, tokenizer=_expand_preset(t.tokenizer, VQ_CONFIGS, f"{where}.tokenizer"),
+                                model=_expand_preset(t.model, GPT_CONFIGS, f"{where}.model"))
+    expanded = dataclasses.replace(setting, teacher=t)
+    tokenizer = tokenizer_kwargs(expanded)
+    return tokenizer, teacher_kwargs(expanded, tokenizer)
+
+
+def _load_strict(module: torch.nn.Module, state: dict, path: Path, setting: Setting) -> None:
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise StageError(f"{path}: does not fit the {type(module).__name__} that setting '{setting.name}' describes "
+                         f"({' '.join(first[:3])[:600]}); check the setting's teacher block in params.yaml or "
+                         f"re-run the teacher stage") from None
+
+
+def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.device = "cpu") -> Teacher:
+    """The Teacher of `setting` from results/<setting>/teacher/ (the teacher stage's output).
+
+    Hub settings: models built from the setting's teacher block, official files loaded strictly through
+    dd.hub.load_checkpoint (their sha256 sidecars are checked there). Toy settings: models built from the
+    constructor kwargs in teacher.json, weights from its safetensors files. Models are created on the meta
+    device and take the loaded tensors directly (no random init of a 300M model just to overwrite it).
+    """
+    from dd.toy_teacher import build_models
+
+    teacher_dir = Path(teacher_dir)
+    info_path = teacher_dir / "teacher.json"
+    if not info_path.is_file():
+        raise StageError(f"{teacher_dir}: no teacher.json; run `dd teacher --setting {setting.name}` first")
+    info = json.loads(info_path.read_text())
+    if info.get("family") != setting.family:
+        raise StageError(f"{info_path}: family {info.get('family')!r} is not the setting's {setting.family!r}; "
+                         f"re-run `dd teacher --setting {setting.name}`")
+    if info.get("source") == "hub":
+        tokenizer_kwargs, model_kwargs = setting_model_kwargs(setting)
+        files = {role: teacher_dir / info["files"][role]["file"] for role in ("tokenizer", "model")}
+
+        def read(role):
+            return hub.load_checkpoint(files[role], info["files"][role]["load_layout"])
+    elif info.get("source") == "train":
+        tokenizer_kwargs, model_kwargs = info["tokenizer"]["kwargs"], info["model"]["kwargs"]
+        files = {"tokenizer": teacher_dir / info["files"]["tokenizer"], "model": teacher_dir / info["files"]["teacher"]}
+
+        def read(role):
+            if not files[role].is_file():
+                raise StageError(f"{files[role]}: missing; re-run `dd teacher --setting {setting.name}`")
+            return load_file(files[role])
+    else:
+        raise StageError(f"{info_path}: unknown source {info.get('source')!r} (expected 'hub' or 'train')")
+
+    with torch.device("meta"):
+        tokenizer, model = build_models(setting.family, tokenizer_kwargs, model_kwargs)
+    _load_strict(tokenizer, read("tokenizer"), files["tokenizer"], setting)
+    _load_strict(model, read("model"), files["model"], setting)
+    num_classes = model.num_classes if setting.family == "var" else model.config.num_classes
+    if num_classes != setting.num_classes:
+        raise StageError(f"{teacher_dir}: the teacher has {num_classes} classes, setting '{setting.name}' "
+                         f"{setting.num_classes}")
+    return TEACHERS[setting.family](tokenizer.to(device), model.to(device), setting.teacher_sampling, files=files)
+

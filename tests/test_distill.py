@@ -1,0 +1,258 @@
+"""dd.distill: data order, pairs reading, the losses learn, kill/resume reproduces the uninterrupted run, 2-process
+CPU DDP (gloo, through `accelerate launch`) matches one process on the same global batch, and `dd distill` runs
+end to end on a tiny project (pairs stage output -> student folder -> load_student -> sampling)."""
+import dd  # noqa: F401  (torchvision shim first)
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import yaml
+
+from dd import cli, distill, sampling
+from dd.config import load_params
+from dd.data import DigitClassifier, DigitClassifierConfig, save_classifier
+from dd.errors import StageError
+from dd.teacher import load_teacher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dd_tiny import tiny_distill, tiny_pairs, tiny_teacher  # noqa: E402
+from distill_worker import run as run_worker  # noqa: E402
+from tiny_teacher import single_thread, tiny_params_dict, write_teacher_folder  # noqa: E402,F401
+
+WORKER = Path(__file__).resolve().parent / "distill_worker.py"
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
+                OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def var_pairs(tmp_path_factory):
+    """48 flow-map pairs of the tiny VAR teacher, saved once for every process of this module."""
+    path = tmp_path_factory.mktemp("pairs") / "var.safetensors"
+    pairs = tiny_pairs(tiny_teacher("var"), count=48)
+    save_file({"labels": pairs.labels, "noise": pairs.noise, "tokens": pairs.tokens}, str(path))
+    return path
+
+
+def curve(history):
+    return torch.tensor([[h["loss"], h["loss.ce"], h["loss.mse"]] for h in history], dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_data_order_is_a_function_of_seed_and_step():
+    n, batch = 10, 4
+    steps = [distill.global_batch(n, batch, seed=3, step=s) for s in range(5)]  # 20 draws = 2 epochs
+    flat = torch.cat(steps)
+    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
+    assert not torch.equal(flat[:10], flat[10:]), "every epoch must have its own permutation"
+    assert torch.equal(distill.global_batch(n, batch, seed=3, step=2), steps[2])  # no hidden state
+    assert not torch.equal(distill.global_batch(n, batch, seed=4, step=0), steps[0])
+    t = distill.global_timesteps([0, 5], 1000, seed=0, step=7)
+    assert set(t.tolist()) == {0, 5} and 400 < int((t == 5).sum()) < 600
+    assert torch.equal(t, distill.global_timesteps([0, 5], 1000, seed=0, step=7))
+
+
+def test_sharded_pairs_reads_the_pairs_stage_layout(tmp_path):
+    teacher = tiny_teacher("llamagen")
+    g = torch.Generator().manual_seed(0)
+    shards = [{"noise": torch.randn(n, 16, 4, generator=g), "tokens": torch.randint(0, 32, (n, 16), generator=g),
+               "labels": torch.randint(0, 4, (n,), generator=g)} for n in (5, 3)]
+    entries = []
+    for i, shard in enumerate(shards):
+        save_file(shard, str(tmp_path / f"shard-{i:05d}.safetensors"))
+        entries.append({"index": i, "file": f"shard-{i:05d}.safetensors", "count": len(shard["labels"])})
+    manifest = {"complete": True, "codebook_sha256": teacher.codebook_sha256(), "setting": "tiny", "shards": entries}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    pairs = distill.ShardedPairs(tmp_path, teacher)
+    assert len(pairs) == 8
+    indices = torch.tensor([6, 0, 4, 5, 7, 1])
+    labels, noise, tokens = pairs.get(indices)
+    whole = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+    assert torch.equal(labels, whole["labels"][indices]) and torch.equal(tokens, whole["tokens"][indices])
+    assert torch.equal(noise, whole["noise"][indices])
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "codebook_sha256": "0" * 64}))
+    with pytest.raises(StageError, match="another codebook"):
+        distill.ShardedPairs(tmp_path, teacher)
+
+
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # lpips' torchvision call
+def test_lpips_offline_is_one_clear_error(monkeypatch, tmp_path):
+    """LPIPS needs torchvision's ImageNet trunk; offline (simulated: the download raises like urllib does without
+    a network, and the hub cache is empty) the perceptual term fails with a message saying where to put it."""
+    import urllib.error
+
+    import torchvision.models._api as tv_api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    distance = distill.perceptual_distance("lpips")
+    images = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(StageError, match=r"vgg16-397923af\.pth") as err:
+        distance(images, images)
+    assert str(tmp_path) in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_losses_decrease_with_every_term(tmp_path):
+    """CE, the continuous-head MSE and the perceptual term (decoded images, feature distance) all fall."""
+    teacher = tiny_teacher("llamagen")
+    pairs = tiny_pairs(teacher, count=32)
+    torch.manual_seed(0)
+    perceptual = distill.FeatureDistance(DigitClassifier())  # untrained: a fixed random feature network
+    cfg = tiny_distill(max_steps=20, batch_size=8, lr=2e-3, log_every=4, checkpoint_every=1000,
+                       loss_weights={"ce": 1.0, "perceptual": 1.0, "mse": 1.0})
+    history = distill.train_student(teacher, pairs, cfg, tmp_path, perceptual=perceptual, cpu=True,
+                                    progress=False).history
+    for term in ("loss.ce", "loss.mse", "loss.perceptual"):
+        first, last = history[0][term], history[-1][term]
+        assert last < 0.8 * first, f"{term} did not fall: {[round(h[term], 4) for h in history]}"
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(var_pairs, tmp_path):
+    """SIGKILL the training process after its step-4 checkpoint; a rerun resumes there and gives the same loss
+    curve and weights as a run that was never interrupted. Drop-path is on, so the saved RNG state matters."""
+    overrides = {"max_steps": 10, "checkpoint_every": 4}
+    work = tmp_path / "student.partial"
+    killed = subprocess.run([sys.executable, str(WORKER), "--family", "var", "--pairs", str(var_pairs),
+                             "--work", str(work), "--out", str(tmp_path / "killed"), "--drop-path", "0.2",
+                             "--overrides", json.dumps(overrides), "--kill-at", "6"],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in work.glob("step-*")] == ["step-00000004"]
+
+    resumed = run_worker("var", var_pairs, work, tmp_path / "resumed", 0.2, overrides)
+    assert resumed.resumed_from == 4
+    fresh = run_worker("var", var_pairs, tmp_path / "fresh.partial", tmp_path / "fresh", 0.2, overrides)
+    assert fresh.resumed_from == 0 and len(resumed.history) == len(fresh.history) == 10
+    torch.testing.assert_close(curve(resumed.history), curve(fresh.history), rtol=1e-6, atol=1e-7)
+    for name, value in fresh.ema.state_dict().items():
+        torch.testing.assert_close(resumed.ema.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    # without drop-path RNG restore the curve would differ: the drop-path draws do matter here
+    plain = run_worker("var", var_pairs, tmp_path / "plain.partial", tmp_path / "plain", 0.0, overrides)
+    assert not torch.allclose(curve(plain.history), curve(fresh.history))
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(var_pairs, tmp_path):
+    """--micro-batch is a memory setting: 2 micro-batches of 4 give the update of one batch of 8."""
+    teacher = tiny_teacher("var")
+    pairs = distill.TensorPairs(**load_file(var_pairs))
+    cfg = tiny_distill(max_steps=4, checkpoint_every=1000)
+    whole = distill.train_student(teacher, pairs, cfg, tmp_path / "whole", cpu=True, progress=False)
+    split = distill.train_student(teacher, pairs, cfg, tmp_path / "split", cpu=True, micro_batch=4, progress=False)
+    torch.testing.assert_close(curve(split.history), curve(whole.history), rtol=1e-5, atol=1e-6)
+    with pytest.raises(StageError, match="micro-batch"):
+        distill.train_student(teacher, pairs, cfg, tmp_path / "bad", cpu=True, micro_batch=3, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(var_pairs, tmp_path):
+    """accelerate launch, 2 CPU processes over gloo, each 4 of the global 8 examples per step, against one
+    process on all 8: the same loss curve and final weights up to float reduction order."""
+    overrides = {"max_steps": 8, "checkpoint_every": 1000}
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(WORKER), "--family", "var", "--pairs", str(var_pairs), "--work", str(tmp_path / "ddp.partial"),
+           "--out", str(tmp_path / "ddp"), "--overrides", json.dumps(overrides)]
+    ddp = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_log = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp_log["num_processes"] == 2
+    single = run_worker("var", var_pairs, tmp_path / "single.partial", tmp_path / "single", 0.0, overrides)
+    assert single.num_processes == 1
+    # measured: losses within 5e-7, EMA weights within 1e-7 (gloo all-reduce order vs one sum)
+    torch.testing.assert_close(curve(ddp_log["history"]), curve(single.history), rtol=1e-5, atol=1e-6)
+    ddp_weights = load_file(tmp_path / "ddp.safetensors")
+    for name, value in single.ema.state_dict().items():
+        torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    # and it is not trivially equal: the weights moved
+    assert not torch.allclose(single.ema.state_dict()["head.weight"],
+                              distill.init_student(tiny_teacher("var"), 0).state_dict()["head.weight"])
+
+
+# ------------------------------------------------------------------------------------------- the stage
+@pytest.fixture(scope="module")
+def stage_project(tmp_path_factory):
+    """A tiny project for both toy settings: params.yaml (tiny architectures, 6 distill steps), teacher folders
+    with a random digit classifier, and the pairs stage's output (`dd pairs`)."""
+    root = tmp_path_factory.mktemp("stage")
+    raw = tiny_params_dict({"num_pairs": 24, "shard_size": 10, "batch_size": 8, "seed": 0})
+    for name in ("toy-llamagen", "toy-var"):
+        s = raw["settings"][name]
+        s["distill"] = dict(s["distill"], max_steps=6, batch_size=8, checkpoint_every=3, log_every=2, warmup_steps=2)
+        if name == "toy-llamagen":  # 4x4 tokens here: two rows given at the intermediate step
+            s["distill"].update(t_list=[0, 8], split=8)
+        s["teacher"]["gates"] = dict(s["teacher"]["gates"], num_samples=12)
+        s["sample"] = dict(s["sample"], batch_size=6)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(root / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for name in ("toy-llamagen", "toy-var"):
+            teacher_dir = root / "results" / name / "teacher"
+            write_teacher_folder(teacher_dir, params.setting(name))
+            torch.manual_seed(0)  # a random digit classifier: the perceptual term and the gate need one to exist
+            save_classifier(DigitClassifier(DigitClassifierConfig(image_size=params.setting(name).image_size)),
+                            teacher_dir / "classifier.safetensors")
+            assert cli.main(["pairs", "--params", str(root / "params.yaml"), "--setting", name]) == 0
+    return params
+
+
+@pytest.mark.parametrize("name", ["toy-llamagen", "toy-var"])
+def test_distill_stage_end_to_end(stage_project, monkeypatch, name):
+    """`dd distill` after `dd pairs`; the student folder is complete, loads strictly and samples."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, setting = stage_project.path.parent, stage_project.setting(name)
+    assert cli.main(["distill", "--params", str(stage_project.path), "--setting", name]) == 0
+
+    out = root / "results" / name / "student"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "samples.png", "student.json",
+                                                    distill.STUDENT_FILE]
+    assert not (root / "results" / name / "student.partial").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [2, 4, 6]
+    assert 0.0 <= metrics["dd-1step.class_accuracy"] <= 1.0 and "dd-2step.class_accuracy" in metrics
+    info = json.loads((out / "student.json").read_text())
+    assert info["t_list"] == setting.distill.t_list and info["split"] == setting.distill.split
+    teacher = load_teacher(setting, root / "results" / name / "teacher")
+    student = distill.load_student(out, teacher)
+    assert student.state_dict().keys() == load_file(out / distill.STUDENT_FILE).keys()
+    ops = sampling.student_ops(student)
+    method = sampling.methods_for(name, setting.distill.t_list, setting.distill.split)["dd-2step"]
+    images = next(sampling.sample_batches(ops, method, torch.arange(4) % 4, 0, 4, teacher))[1]
+    assert images.shape == (4, 3, setting.image_size, setting.image_size) and torch.isfinite(images).all()
+
+
+def test_ablation_table(stage_project, monkeypatch):
+    """python -m dd.ablation: every variant trains, is judged, and lands in the csv + markdown table."""
+    from dd import ablation
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = stage_project.path.parent / "reports" / "toy_ablation"
+    assert ablation.main(["--params", str(stage_project.path), "--setting", "toy-var", "--steps", "2",
+                          "--out", str(out)]) == 0
+    table = out.with_suffix(".csv").read_text().splitlines()
+    variants = ablation.variants(stage_project.setting("toy-var"), num_units=4)  # tiny VAR: 4 scales
+    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "t2=2"}  # t2=3 = default
+    assert len(table) == 1 + len(variants)  # header + one row per distinct variant
+    markdown = out.with_suffix(".md").read_text()
+    assert "Shorter runs" in markdown and "loss=ce+perceptual (= t2=3)" in markdown
