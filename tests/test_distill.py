@@ -252,7 +252,7 @@ def test_ablation_table(stage_project, monkeypatch):
                           "--out", str(out)]) == 0
     table = out.with_suffix(".csv").read_text().splitlines()
     variants = ablation.variants(stage_project.setting("toy-var"), num_units=4)  # tiny VAR: 4 scales
-    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "t2=2"}  # t2=3 = default
+    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "t2=3"}  # t2=2 = default
     assert len(table) == 1 + len(variants)  # header + one row per distinct variant
     markdown = out.with_suffix(".md").read_text()
-    assert "Shorter runs" in markdown and "loss=ce+perceptual (= t2=3)" in markdown
+    assert "Shorter runs" in markdown and "loss=ce+perceptual (= t2=2)" in markdown
