@@ -207,6 +207,7 @@ def stage_project(tmp_path_factory):
     params = load_params(root / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.chdir(root)  # MLflow puts artifacts under ./mlruns of the working directory
         for name in ("toy-llamagen", "toy-var"):
             teacher_dir = root / "results" / name / "teacher"
             write_teacher_folder(teacher_dir, params.setting(name))
@@ -221,6 +222,7 @@ def stage_project(tmp_path_factory):
 def test_distill_stage_end_to_end(stage_project, monkeypatch, name):
     """`dd distill` after `dd pairs`; the student folder is complete, loads strictly and samples."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(stage_project.path.parent)
     root, setting = stage_project.path.parent, stage_project.setting(name)
     assert cli.main(["distill", "--params", str(stage_project.path), "--setting", name]) == 0
 
@@ -247,12 +249,14 @@ def test_ablation_table(stage_project, monkeypatch):
     from dd import ablation
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(stage_project.path.parent)
     out = stage_project.path.parent / "reports" / "toy_ablation"
     assert ablation.main(["--params", str(stage_project.path), "--setting", "toy-var", "--steps", "2",
                           "--out", str(out)]) == 0
     table = out.with_suffix(".csv").read_text().splitlines()
     variants = ablation.variants(stage_project.setting("toy-var"), num_units=4)  # tiny VAR: 4 scales
-    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "t2=3"}  # t2=2 = default
+    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "loss=ce,split=all",
+                             "t2=3"}  # t2=2 = the default
     assert len(table) == 1 + len(variants)  # header + one row per distinct variant
     markdown = out.with_suffix(".md").read_text()
     assert "Shorter runs" in markdown and "loss=ce+perceptual (= t2=2)" in markdown

@@ -7,6 +7,7 @@ same teacher, pairs and seed with the setting's distill recipe, changed in one p
 the setting's max_steps; shorter runs are marked in the table), then judges DD 1-step and 2-step samples with the
 digit classifier (the share classified as their conditioning class; the setting's sample labels and seed):
   loss terms  ce | ce + perceptual | ce + perceptual + mse       (the setting's t_list)
+              ce with split = the whole sequence (all positions from the logit head)
   t_list[1]   a few intermediate timesteps                       (the setting's loss weights)
 A finished variant is stored in results/<S>/ablation/<variant>.json and skipped by a rerun; a killed variant resumes
 from its checkpoint. The table goes to <out>.csv and <out>.md; each variant is one MLflow run <S>/ablation.
@@ -32,8 +33,8 @@ LOSS_VARIANTS = {"ce": {"ce": 1.0, "perceptual": 0.0, "mse": 0.0},
 
 
 def intermediate_timesteps(family: str, num_units: int) -> list[int]:
-    """t_list[1] candidates in the teacher's AR steps (num_units of them). VAR: 2, 3 or 4 scales given (toy: 5, 14,
-    30 of 130 tokens); LlamaGen: 1, 2 or 4 rows of the token grid given (toy 8x8: 8, 16, 32 of 64 tokens)."""
+    """t_list[1] candidates in the teacher's AR steps (num_units of them), those short of the whole sequence.
+    VAR: 2, 3 or 4 scales given; LlamaGen: 1, 2 or 4 rows of the square token grid given."""
     if family == "var":
         return [k for k in (2, 3, 4) if k < num_units]
     side = math.isqrt(num_units)
@@ -47,6 +48,9 @@ def variants(setting: Setting, num_units: int) -> dict[str, dict]:
     out = {}
     for name, weights in LOSS_VARIANTS.items():
         out[f"loss={name}"] = {"loss_weights": weights}
+    # CE alone never trains the continuous head, which the sampler uses from `split` on: also judge CE with every
+    # position taken from the logits (split = the whole sequence)
+    out["loss=ce,split=all"] = {"loss_weights": LOSS_VARIANTS["ce"], "split": num_units}
     for t2 in intermediate_timesteps(setting.family, num_units):
         out[f"t2={t2}"] = {"t_list": [0, t2]}
     unique, seen = {}, {}
@@ -138,8 +142,9 @@ def write_table(rows: list[dict], out: Path, command: str) -> None:
              f"Made by `{command}` (src/dd/ablation.py). Each row trains a student from the same teacher, pairs and "
              f"seed with the setting's recipe changed in one place; `dd1/dd2_class_acc` = share of DD 1-step / "
              f"2-step samples (balanced labels, the setting's sample seed and count) that the digit classifier "
-             f"assigns to their conditioning class; `teacher_class_acc` = the teacher's own samples (teacher stage).",
-             ""]
+             f"assigns to their conditioning class; `teacher_class_acc` = the teacher's own samples (teacher stage). "
+             f"`loss=ce,split=all`: CE alone does not train the continuous head that the sampler uses from `split` "
+             f"on, so this row samples every position from the logit head.", ""]
     if shorter:
         lines += ["**Shorter runs:** `steps` < `full_steps` (the setting's max_steps) — the budget of this table; "
                   "absolute accuracies are below those of a full `dd distill`, the comparison between rows is the "

@@ -23,7 +23,10 @@ rule distill:
         command=distill_command,
     log:
         "results/logs/{setting}/distill.log",
+    # Locally Snakemake caps threads at --cores: a toy job gets the whole (2-core) machine instead of sharing it
+    # with another training job, which oversubscribes the cores and runs several times slower.
+    threads: 8
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:
-        "{params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"
