@@ -40,6 +40,9 @@ class TeacherTrain:
     teacher_epochs: int
     teacher_lr: float
     teacher_batch_size: int
+    # tokenized copies of the train split the AR teacher sees: 1 = the digits as they are; k > 1 adds k - 1
+    # randomly shifted copies (more variety, but a harder distribution that needs far more teacher epochs)
+    teacher_token_copies: int
     num_threads: int  # torch CPU threads; 0 = torch's default
 
 
@@ -246,6 +249,11 @@ def _validate_setting(s: Setting, file: Path):
     if t.source == "train" and (t.train is None or t.gates is None):
         raise ConfigError(f"{file}: setting '{s.name}' trains its teacher: set "
                           f"'{where}.teacher.train' and '{where}.teacher.gates'")
+    if t.train is not None:
+        for key in ("classifier_epochs", "tokenizer_epochs", "tokenizer_batch_size", "teacher_epochs",
+                    "teacher_batch_size", "teacher_token_copies"):
+            if getattr(t.train, key) <= 0:
+                raise ConfigError(f"{file}: key '{where}.teacher.train.{key}' must be positive")
     d = s.distill
     if not d.t_list or d.t_list[0] != 0 or sorted(set(d.t_list)) != d.t_list:
         raise ConfigError(f"{file}: key '{where}.distill.t_list' must start at 0 and increase (got {d.t_list})")

@@ -613,6 +613,9 @@ def student_dir(params: Params, setting: Setting) -> Path:
 
 
 @torch.no_grad()
+TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified as their class); reported, not enforced
+
+
 def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
     """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
     their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed)."""
@@ -678,8 +681,11 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
             if teacher_rate is not None:
                 metrics["teacher.class_accuracy"] = teacher_rate
             rates = ", ".join(f"{k.split('.')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("class_accuracy"))
+            one_step = metrics.get("dd-1step.class_accuracy")
+            verdict = "" if one_step is None else \
+                f"; toy gate dd-1step >= {TOY_DD1_GATE}: {'PASS' if one_step >= TOY_DD1_GATE else 'FAIL'}"
             print(f"[distill] {setting.name}: samples classified as their conditioning class: {rates} "
-                  f"({cfg.max_steps} steps, {result.seconds:.0f}s)", flush=True)
+                  f"({cfg.max_steps} steps, {result.seconds:.0f}s){verdict}", flush=True)
         mlflow.log_metrics(metrics)
         with atomic_dir(final) as out:
             save_file(_state_tensors(result.ema), str(out / STUDENT_FILE))

@@ -6,8 +6,8 @@ Steps (all inside one MLflow run and one atomic output folder):
   2. tokenizer (LlamaGen VQModel or VAR VQVAE) trained on the train split with its own VQ losses plus a
      pixel reconstruction loss, with dead-code restarts (a random-init codebook otherwise leaves most of
      its codes unused on such a small data set);
-  3. tokenize the train split once (several randomly shifted copies, so the AR teacher sees more than 4000
-     sequences) and train the AR teacher (LlamaGenGPT / VAR) with class dropout, as needed for CFG;
+  3. tokenize the train split once (optionally with randomly shifted copies: teacher_token_copies) and
+     train the AR teacher (LlamaGenGPT / VAR) with class dropout, as needed for CFG;
   4. gates: classifier test accuracy; classifier accuracy on tokenizer reconstructions of the test split;
      the fraction of teacher samples (the setting's teacher_sampling, uniform labels, fixed seed) that the
      classifier assigns to their conditioning class.
@@ -46,8 +46,7 @@ from dd.tracking import stage_run
 FILES = {"tokenizer": "tokenizer.safetensors", "teacher": "teacher.safetensors",
          "classifier": "classifier.safetensors", "samples": "samples.png",
          "reconstructions": "reconstructions.png", "metrics": "metrics.json"}
-AUGMENT_COPIES = 4  # tokenized copies of the train split: the original + 3 with random shifts
-AUGMENT_SHIFT = 2  # px; the classifier is trained with the same shifts
+AUGMENT_SHIFT = 2  # px; tokenizer training, shifted token copies; the classifier uses the same shifts
 RESTART_EVERY = 20  # tokenizer steps between dead-code restarts
 WARMUP_FRACTION = 0.05  # of the optimiser steps: linear warm-up, then cosine decay to zero
 SAMPLE_BATCH = 250  # teacher samples drawn per call when measuring the gate
@@ -464,7 +463,7 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     t = timed("tokenizer", t)
 
     # 3. tokens, reconstruction gate, AR teacher
-    train_tokens = tokenize(toy, train_x, AUGMENT_COPIES, generator)
+    train_tokens = tokenize(toy, train_x, train.teacher_token_copies, generator)
     test_tokens = tokenize(toy, test_x, 1, generator)
     codes = next(v for k, v in train_tokens.items() if k in ("tokens", "targets"))
     metrics["tokenizer.codebook_usage"] = codes[0].unique().numel() / toy.vocab_size

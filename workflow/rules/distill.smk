@@ -23,9 +23,7 @@ rule distill:
         command=distill_command,
     log:
         "results/logs/{setting}/distill.log",
-    # Locally Snakemake caps threads at --cores: a toy job gets the whole (2-core) machine instead of sharing it
-    # with another training job, which oversubscribes the cores and runs several times slower.
-    threads: 8
+    threads: cpu_threads
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:

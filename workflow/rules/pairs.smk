@@ -10,7 +10,8 @@ rule pairs:
         block=setting_block("teacher_sampling", "flow", "pairs"),
     log:
         "results/logs/{setting}/pairs.log",
+    threads: cpu_threads
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:
-        "{DD} pairs --setting {wildcards.setting} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {DD} pairs --setting {wildcards.setting} 2>&1 | tee {log}"

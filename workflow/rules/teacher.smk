@@ -6,7 +6,8 @@ rule teacher:
         block=setting_block("family", "image_size", "num_classes", "teacher", "teacher_sampling"),
     log:
         "results/logs/{setting}/teacher.log",
+    threads: cpu_threads
     resources:
         gpu=0,
     shell:
-        "{DD} teacher --setting {wildcards.setting} 2>&1 | tee {log}"  # bash pipefail: a failing stage fails the job
+        "OMP_NUM_THREADS={threads} {DD} teacher --setting {wildcards.setting} 2>&1 | tee {log}"  # bash pipefail: a failing stage fails the job
