@@ -612,10 +612,10 @@ def student_dir(params: Params, setting: Setting) -> Path:
     return params.path.parent / "results" / setting.name / "student"
 
 
-@torch.no_grad()
 TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified as their class); reported, not enforced
 
 
+@torch.no_grad()
 def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
     """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
     their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed)."""
