@@ -249,11 +249,6 @@ def _validate_setting(s: Setting, file: Path):
     if t.source == "train" and (t.train is None or t.gates is None):
         raise ConfigError(f"{file}: setting '{s.name}' trains its teacher: set "
                           f"'{where}.teacher.train' and '{where}.teacher.gates'")
-    if t.train is not None:
-        for key in ("classifier_epochs", "tokenizer_epochs", "tokenizer_batch_size", "teacher_epochs",
-                    "teacher_batch_size", "teacher_token_copies"):
-            if getattr(t.train, key) <= 0:
-                raise ConfigError(f"{file}: key '{where}.teacher.train.{key}' must be positive")
     d = s.distill
     if not d.t_list or d.t_list[0] != 0 or sorted(set(d.t_list)) != d.t_list:
         raise ConfigError(f"{file}: key '{where}.distill.t_list' must start at 0 and increase (got {d.t_list})")
@@ -263,10 +258,16 @@ def _validate_setting(s: Setting, file: Path):
     if unknown:
         raise ConfigError(f"{file}: unknown key '{where}.distill.loss_weights.{sorted(unknown)[0]}' "
                           f"(allowed here: ce, perceptual, mse)")
-    for section, key in (("pairs", "num_pairs"), ("pairs", "shard_size"), ("pairs", "batch_size"),
-                         ("distill", "batch_size"), ("sample", "num_samples"), ("sample", "batch_size")):
-        if getattr(getattr(s, section), key) <= 0:
-            raise ConfigError(f"{file}: key '{where}.{section}.{key}' must be positive")
+    counts = {f"{section}.{key}": getattr(getattr(s, section), key) for section, key in (
+        ("pairs", "num_pairs"), ("pairs", "shard_size"), ("pairs", "batch_size"), ("distill", "batch_size"),
+        ("sample", "num_samples"), ("sample", "batch_size"))}
+    if t.train is not None:
+        counts.update({f"teacher.train.{key}": getattr(t.train, key) for key in (
+            "classifier_epochs", "tokenizer_epochs", "tokenizer_batch_size", "teacher_epochs", "teacher_batch_size",
+            "teacher_token_copies")})
+    for key, value in counts.items():
+        if value <= 0:
+            raise ConfigError(f"{file}: key '{where}.{key}' must be positive")
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
