@@ -111,6 +111,20 @@ def test_deterministic_and_chunk_independent():
     assert torch.equal(first, again) and torch.equal(first[:300], chunked)
 
 
+def test_gpu_style_full_searches_give_the_same_tokens(monkeypatch):
+    """posterior() searches the top code on candidate rows only on the CPU and on every row elsewhere (no
+    sync on a GPU); both ways must give the same tokens, for the adaptive and the fixed-grid solvers. Run
+    here on the CPU by switching the row selection off."""
+    import dd.flow as flow
+
+    p, codebook = make_probs(512, 1.0, 40, seed=30), make_codebook(512, 8, True, seed=31)
+    eps, probs = noise(2000, 8, 32), p.expand(2000, -1)
+    selected = [tokens_from_noise(eps, probs, codebook, solver=s)[0] for s in ("adaptive", "dpm2m")]
+    monkeypatch.setattr(flow, "SELECT_ROWS_ON", ())
+    full = [tokens_from_noise(eps, probs, codebook, solver=s)[0] for s in ("adaptive", "dpm2m")]
+    assert all(torch.equal(a, b) for a, b in zip(selected, full))
+
+
 def test_row_result_does_not_depend_on_other_rows():
     v, c, n = 256, 32, 200
     codebook = make_codebook(v, c, False, seed=15)

@@ -144,7 +144,8 @@ def write_table(rows: list[dict], out: Path, command: str) -> None:
              f"2-step samples (balanced labels, the setting's sample seed and count) that the digit classifier "
              f"assigns to their conditioning class; `teacher_class_acc` = the teacher's own samples (teacher stage). "
              f"`loss=ce,split=all`: CE alone does not train the continuous head that the sampler uses from `split` "
-             f"on, so this row samples every position from the logit head.", ""]
+             f"on, so this row samples every position from the logit head. `train_s`: wall time of the variant's training "
+             f"on the machine that made the table (a record, not a benchmark).", ""]
     if shorter:
         lines += ["**Shorter runs:** `steps` < `full_steps` (the setting's max_steps) — the budget of this table; "
                   "absolute accuracies are below those of a full `dd distill`, the comparison between rows is the "

@@ -64,6 +64,8 @@ PROBS_SUM_TOL = 1e-3
 # posterior transition (both ends agreeing while the middle does not).
 FIRST_STEP = 0.05
 MAX_STEP = 0.7
+# Devices where posterior() runs the top-code searches on the candidate rows only (see there).
+SELECT_ROWS_ON = ("cpu",)
 
 
 def time_grid(steps, schedule=DEFAULT_SCHEDULE, t_min=DEFAULT_T_MIN):
@@ -125,54 +127,94 @@ def _check_inputs(noise, probs, codebook):
 
 
 class _Rows:
-    """The rows still being integrated, with their support: log p (n, K), codes (n, K, C), ||c||^2 (n, K)."""
+    """The rows still being integrated, with their support: log p (n, K), codes (n, K, C), ||c||^2 (n, K).
 
-    def __init__(self, log_p, codes, decided_tol):
+    The gathered codes are kept in two layouts, (n, K, C) and (n, C, K), because each of the two batched
+    products of an evaluation is 2-3x faster on CPU with its own contiguous layout (measured at K = 8000,
+    C = 8: benchmarks/RESULTS.md, "Pairs throughput"); the memory is counted in tokens_from_noise's chunks.
+    """
+
+    def __init__(self, log_p, codes, code_sq, decided_tol):
         self.decided_tol = decided_tol
         self.index = torch.arange(log_p.shape[0], device=log_p.device)  # row in the chunk
-        self.log_p, self.codes = log_p, codes
-        self.code_sq = codes.square().sum(dim=-1)
+        self.log_p, self.codes, self.code_sq = log_p, codes, code_sq
+        self.codes_t = codes.transpose(1, 2).contiguous()
         self.padding = log_p == -math.inf  # support slots of rows with fewer than K codes
 
     def keep(self, mask):
-        for name in ("index", "log_p", "codes", "code_sq", "padding"):
+        for name in ("index", "log_p", "codes", "codes_t", "code_sq", "padding"):
             setattr(self, name, getattr(self, name)[mask])
 
-    def posterior(self, x, t):
-        """At (x, t): x0_hat (n, C), the top code (n,) and whether the row is decided; t is (n, 1) or a float."""
-        y, mu = x / t, 1.0 / t - 1.0
-        # Row-vector times matrix, (n, 1, C) @ (n, C, K): about 3x faster on CPU than (n, K, C) @ (n, C, 1).
-        dots = torch.bmm(y.unsqueeze(1), self.codes.transpose(1, 2)).squeeze(1)
-        likelihood = mu * dots - (0.5 * mu * mu) * self.code_sq
-        w = torch.softmax(self.log_p + likelihood, dim=-1)
-        top_w, top = w.max(dim=-1)
-        nearest = likelihood.masked_fill(self.padding, -math.inf).argmax(dim=-1)
-        decided = (top_w >= 1.0 - self.decided_tol) & (top == nearest)
-        return torch.bmm(w.unsqueeze(1), self.codes).squeeze(1), top, decided
+    def posterior(self, y, mu, need_top=None):
+        """At (y, mu), mu (n, 1): x0_hat (n, C), and the top code (n,) and whether the row is decided, or
+        None, None when no row needs them.
+
+        The top code is searched only where it can matter: rows whose top weight is >= 1 - decided_tol
+        (candidates for deciding) and rows in need_top (n,) bool; elsewhere it is -1. On a CPU the argmax and
+        the nearest-code search over all K slots cost as much as the softmax, and most evaluations have no
+        candidate row at all.
+        """
+        # log w_j + const = log p_j - mu^2 ||c_j||^2 / 2 + <mu y, c_j>: one fused multiply-add, one batched product
+        base = torch.addcmul(self.log_p, self.code_sq, mu * mu, value=-0.5)
+        logits = torch.baddbmm(base.unsqueeze(1), (mu * y).unsqueeze(1), self.codes_t).squeeze(1)
+        w = torch.softmax(logits, dim=-1)
+        x0_hat = torch.bmm(w.unsqueeze(1), self.codes).squeeze(1)
+        candidate = w.amax(dim=-1) >= 1.0 - self.decided_tol
+        look = candidate if need_top is None else candidate | need_top
+        if y.device.type not in SELECT_ROWS_ON:  # on a GPU the full searches are cheap, selecting rows costs a sync
+            top = w.argmax(dim=-1)
+            nearest = (logits - self.log_p).masked_fill(self.padding, -math.inf).argmax(dim=-1)
+            return x0_hat, torch.where(look, top, -1), candidate & (top == nearest)
+        if not look.any():
+            return x0_hat, None, None
+        top = torch.full((y.shape[0],), -1, dtype=torch.long, device=y.device)
+        decided = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        rows = look.nonzero().squeeze(1)
+        top_rows = w[rows].argmax(dim=-1)
+        # nearest scaled code = the largest likelihood term (logits - log p; padding slots give nan -> -inf)
+        nearest = (logits[rows] - self.log_p[rows]).masked_fill(self.padding[rows], -math.inf).argmax(dim=-1)
+        top[rows] = top_rows
+        decided[rows] = candidate[rows] & (top_rows == nearest)
+        return x0_hat, top, decided
 
 
 def _integrate_adaptive(noise, rows, tol, t_min):
-    """Per-row adaptive Heun (PEC) in log t; returns each row's token as a position in its support."""
+    """Per-row adaptive Heun (PEC) in log t; returns each row's token as a position in its support.
+
+    Runs in the coordinates of the module docstring, y = x / t and mu = 1 / t - 1, with lam = -log t the
+    variable the step h is taken in: each step is a few (rows, 1) and (rows, C) operations besides the
+    posterior, because at LlamaGen's batch sizes per AR step the loop's small operations cost as much as
+    the posterior itself.
+    """
     n = noise.shape[0]
     result = torch.empty(n, dtype=torch.long, device=noise.device)
-    x = noise
-    t = torch.ones(n, 1, dtype=noise.dtype, device=noise.device)
-    h = torch.full_like(t, FIRST_STEP)
+    y = noise  # = x / t at t = 1
+    lam = torch.zeros(n, 1, dtype=noise.dtype, device=noise.device)
+    mu = torch.zeros_like(lam)
+    h = torch.full_like(lam, FIRST_STEP)
+    lam_end = -math.log(t_min)
     active = torch.ones(n, dtype=torch.bool, device=noise.device)
-    d = rows.posterior(x, 1.0)[0]
+    d = rows.posterior(y, mu)[0]
     while True:
-        s = torch.clamp(t * torch.exp(-h), min=t_min)
-        ratio = s / t
-        d_pred, top, decided = rows.posterior(ratio * x + (1.0 - ratio) * d, s)
-        # Euler and trapezoid differ by (mu_s - mu_t) |d_pred - d| / 2 in y, i.e. in noise units.
-        err = (1.0 / s - 1.0 / t) * (d_pred - d).norm(dim=-1, keepdim=True) * 0.5
+        lam_s = torch.clamp(lam + h, max=lam_end)
+        mu_s = torch.expm1(lam_s)
+        dmu = mu_s - mu
+        y_euler = torch.addcmul(y, dmu, d)
+        at_end = lam_s.squeeze(1) >= lam_end
+        d_pred, top, decided = rows.posterior(y_euler, mu_s, need_top=at_end)
+        change = d_pred - d
+        # Euler and trapezoid differ by dmu |d_pred - d| / 2 in y, i.e. in noise units.
+        err = dmu * change.norm(dim=-1, keepdim=True) * 0.5
         accept = err <= tol
-        x = torch.where(accept, ratio * x + (1.0 - ratio) * 0.5 * (d + d_pred), x)
+        y = torch.where(accept, torch.addcmul(y_euler, dmu, change, value=0.5), y)  # the trapezoid rule
         d = torch.where(accept, d_pred, d)
-        t = torch.where(accept, s, t)
+        lam = torch.where(accept, lam_s, lam)
+        mu = torch.where(accept, mu_s, mu)
         h = torch.clamp(h * torch.clamp(0.9 * torch.sqrt(tol / err), 0.2, 4.0), max=MAX_STEP)
+        if top is None:  # no row is a candidate for deciding, none is at t_min
+            continue
         # Decided at the Euler prediction, within tol of the accepted point: the criterion has a wide margin.
-        done = active & accept.squeeze(1) & (decided | (s.squeeze(1) <= t_min))
+        done = active & accept.squeeze(1) & (decided | at_end)
         if done.any():
             result[rows.index[done]] = top[done]
             active &= ~done
@@ -181,7 +223,7 @@ def _integrate_adaptive(noise, rows, tol, t_min):
                 return result
             # Finished rows ride along (their results are ignored) until compacting pays for the copy.
             if n_active < 0.75 * active.shape[0]:
-                x, d, t, h, keep = x[active], d[active], t[active], h[active], active
+                y, d, lam, mu, h, keep = y[active], d[active], lam[active], mu[active], h[active], active
                 rows.keep(keep)
                 active = active[keep]
 
@@ -190,19 +232,23 @@ def _integrate_grid(noise, rows, grid, solver):
     """Fixed-grid Euler or DPM-Solver++(2M); returns each row's token as a position in its support."""
     n = noise.shape[0]
     result = torch.empty(n, dtype=torch.long, device=noise.device)
-    x = noise
+    y = noise  # = x / t at t = 1
     prev = None  # (log mu, x0_hat) of the previous step, for dpm2m
+
+    def mu_column(mu):
+        return torch.full((y.shape[0], 1), mu, dtype=y.dtype, device=y.device)
+
     for t, s in zip(grid[:-1], grid[1:]):
-        d, top, decided = rows.posterior(x, t)
-        if decided.any():
+        mu_t, mu_s = 1.0 / t - 1.0, 1.0 / s - 1.0
+        d, top, decided = rows.posterior(y, mu_column(mu_t))
+        if decided is not None and decided.any():
             result[rows.index[decided]] = top[decided]
             keep = ~decided
             if not keep.any():
                 return result
-            x, d = x[keep], d[keep]
+            y, d = y[keep], d[keep]
             prev = None if prev is None else (prev[0], prev[1][keep])
             rows.keep(keep)
-        mu_t, mu_s = 1.0 / t - 1.0, 1.0 / s - 1.0
         incr = d
         if solver == "dpm2m" and prev is not None:
             # x0_hat(lam) = d + (lam - lam_t) d1 with lam = log mu, integrated exactly over mu.
@@ -210,9 +256,9 @@ def _integrate_grid(noise, rows, grid, solver):
             d1 = (d - prev[1]) / (lam_t - prev[0])
             incr = d + d1 * ((lam_s - lam_t) * mu_s / (mu_s - mu_t) - 1.0)
         prev = (math.log(mu_t), d) if mu_t > 0.0 else None
-        # y_s = y_t + (mu_s - mu_t) incr, written in x = t y.
-        x = (s / t) * x + (1.0 - s / t) * incr
-    result[rows.index] = rows.posterior(x, grid[-1])[1]
+        y = y + (mu_s - mu_t) * incr
+    everyone = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    result[rows.index] = rows.posterior(y, mu_column(1.0 / grid[-1] - 1.0), need_top=everyone)[1]
     return result
 
 
@@ -236,9 +282,9 @@ def tokens_from_noise(
 
     Deterministic: the same noise and probs give the same token, and a row's token does not depend on
     the other rows. Only the support of each row's p enters (a code with p_j = 0 is never returned): rows
-    are padded to the largest support size K in the batch and run in chunks of
-    chunk_elements / (K * C) rows, which bounds the (rows, K, C) gathered codebook. chunk_elements defaults
-    to 2**25 on CPU and 2**28 on CUDA (128 MiB and 1 GiB of float32; peak use is about twice that).
+    are padded to the largest support size K in the batch and run in chunks of chunk_elements / (2 K C)
+    rows, which bounds the gathered codebook (two layouts of (rows, K, C)). chunk_elements defaults to 2**25
+    on CPU and 2**28 on CUDA (128 MiB and 1 GiB of float32; peak use is about 1.5 times that).
 
     Solver kwargs, defaults chosen by measurement (benchmarks/RESULTS.md, "Flow-map solver"):
       solver      "adaptive" (default), "euler" (= DDIM) or "dpm2m" (DPM-Solver++(2M)); module docstring
@@ -265,12 +311,16 @@ def tokens_from_noise(
     if n == 0:
         return index, codebook[index]
     support = int((probs > 0).sum(dim=1).max())
-    rows_per_chunk = max(1, chunk_elements // (support * c))
+    rows_per_chunk = max(1, chunk_elements // (2 * support * c))
     codebook_work = codebook.to(dtype)
+    code_sq = codebook_work.square().sum(dim=1)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        p_top, idx = probs[start:stop].topk(support, dim=1)  # the support, padded with p = 0 slots
-        rows = _Rows(p_top.to(dtype).log(), codebook_work[idx], decided_tol)  # log 0 = -inf: zero weight
+        chunk = probs[start:stop]
+        # Each row's support first, in codebook order, padded with p = 0 slots (log 0 = -inf: zero weight).
+        # A stable sort of the zero mask: 3x cheaper than topk(support) at V = 16384, K = 8000.
+        idx = (chunk == 0).to(torch.uint8).sort(dim=1, stable=True).indices[:, :support]
+        rows = _Rows(chunk.gather(1, idx).to(dtype).log(), codebook_work[idx], code_sq[idx], decided_tol)
         x = noise[start:stop].to(dtype)
         if solver == "adaptive":
             pos = _integrate_adaptive(x, rows, tol, t_min)

@@ -64,7 +64,12 @@ def stage_run(params: Params, setting: Setting, stage: str, extra_params: dict |
             mlflow.set_experiment(params.tracking.experiment)
     else:
         mlflow.set_experiment(params.tracking.experiment)
-    tags = {"setting": setting.name, "stage": stage, "family": setting.family}
+    import torch
+
+    # Float reductions depend on the thread count, so two runs of one commit and seed agree bit for bit
+    # only with the same torch build and threads: record both with every run.
+    tags = {"setting": setting.name, "stage": stage, "family": setting.family, "torch_version": torch.__version__,
+            "torch_num_threads": str(torch.get_num_threads())}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
