@@ -148,6 +148,22 @@ def test_load_teacher_round_trips_the_toy_folder(project):
         load_teacher(project.setting("toy-var"), project.path.parent / "results" / setting.name / "teacher")
 
 
+def test_load_teacher_refuses_a_trained_folder_made_from_other_settings(project):
+    """A toy teacher left in results/ by an older params.yaml (Snakemake does not re-run outputs it did not make
+    itself) is refused with the differing keys and the command that rebuilds it, for either model."""
+    folder = project.path.parent / "results" / "toy-llamagen" / "teacher"
+    setting = project.setting("toy-llamagen")
+    model = dict(setting.teacher.model, n_layer=setting.teacher.model["n_layer"] + 1)
+    edited = dataclasses.replace(setting, teacher=dataclasses.replace(setting.teacher, model=model))
+    with pytest.raises(StageError, match=r"trained model .*n_layer: 2 in the folder, 3 from params.yaml.*"
+                                         r"dd teacher --setting toy-llamagen"):
+        load_teacher(edited, folder)
+    tokenizer = dict(setting.teacher.tokenizer, codebook_size=32)
+    edited = dataclasses.replace(setting, teacher=dataclasses.replace(setting.teacher, tokenizer=tokenizer))
+    with pytest.raises(StageError, match="trained tokenizer .*codebook_size: 16 in the folder, 32 from params.yaml"):
+        load_teacher(edited, folder)
+
+
 def test_load_teacher_from_hub_files(tmp_path, project):
     """A hub-style teacher folder (teacher.json `files` with load layouts, torch.save'd checkpoints) for
     a LlamaGen setting given by presets plus overrides: strict load, and a wrong checkpoint is one error."""

@@ -299,6 +299,22 @@ def _load_strict(module: torch.nn.Module, state: dict, path: Path, setting: Sett
                          f"re-run the teacher stage") from None
 
 
+def _check_trained_matches_setting(info_path: Path, setting: Setting, tokenizer: dict, model: dict) -> None:
+    """A trained teacher left in results/ by an older params.yaml must not pass for the current one: Snakemake
+    re-runs a stage on a params change only for outputs it made itself (its metadata), so a folder made by
+    `dd teacher` directly, or before an edit, would otherwise feed pairs and distillation silently."""
+    expected = setting_model_kwargs(setting)
+    for role, want, have in (("tokenizer", expected[0], tokenizer), ("model", expected[1], model)):
+        differ = sorted(key for key in set(want) | set(have) if want.get(key) != have.get(key))
+        if differ:
+            shown = "; ".join(f"{key}: {have.get(key)!r} in the folder, {want.get(key)!r} from params.yaml"
+                              for key in differ[:3])
+            raise StageError(f"{info_path}: the trained {role} was built from other settings than "
+                             f"settings.{setting.name}.teacher ({shown}{'; ...' if len(differ) > 3 else ''}); re-run "
+                             f"`dd teacher --setting {setting.name}` (snakemake --forcerun teacher, or dvc repro "
+                             f"--force teacher@{setting.name})")
+
+
 def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.device = "cpu") -> Teacher:
     """The Teacher of `setting` from results/<setting>/teacher/ (the teacher stage's output).
 
@@ -325,6 +341,7 @@ def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.
             return hub.load_checkpoint(files[role], info["files"][role]["load_layout"])
     elif info.get("source") == "train":
         tokenizer_kwargs, model_kwargs = info["tokenizer"]["kwargs"], info["model"]["kwargs"]
+        _check_trained_matches_setting(info_path, setting, tokenizer_kwargs, model_kwargs)
         files = {"tokenizer": teacher_dir / info["files"]["tokenizer"], "model": teacher_dir / info["files"]["teacher"]}
 
         def read(role):
