@@ -299,12 +299,12 @@ def _load_strict(module: torch.nn.Module, state: dict, path: Path, setting: Sett
                          f"re-run the teacher stage") from None
 
 
-def _check_trained_matches_setting(info_path: Path, setting: Setting, tokenizer: dict, model: dict) -> None:
+def _check_trained_matches_setting(info_path: Path, setting: Setting, expected: tuple[dict, dict], info: dict) -> None:
     """A trained teacher left in results/ by an older params.yaml must not pass for the current one: Snakemake
     re-runs a stage on a params change only for outputs it made itself (its metadata), so a folder made by
     `dd teacher` directly, or before an edit, would otherwise feed pairs and distillation silently."""
-    expected = setting_model_kwargs(setting)
-    for role, want, have in (("tokenizer", expected[0], tokenizer), ("model", expected[1], model)):
+    for role, want in zip(("tokenizer", "model"), expected):
+        have = info[role]["kwargs"]
         differ = sorted(key for key in set(want) | set(have) if want.get(key) != have.get(key))
         if differ:
             shown = "; ".join(f"{key}: {have.get(key)!r} in the folder, {want.get(key)!r} from params.yaml"
@@ -318,10 +318,11 @@ def _check_trained_matches_setting(info_path: Path, setting: Setting, tokenizer:
 def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.device = "cpu") -> Teacher:
     """The Teacher of `setting` from results/<setting>/teacher/ (the teacher stage's output).
 
-    Hub settings: models built from the setting's teacher block, official files loaded strictly through
-    dd.hub.load_checkpoint (their sha256 sidecars are checked there). Toy settings: models built from the
-    constructor kwargs in teacher.json, weights from its safetensors files. Models are created on the meta
-    device and take the loaded tensors directly (no random init of a 300M model just to overwrite it).
+    Models are built from the setting's teacher block (which also fixes the number of classes). Hub settings:
+    official files loaded strictly through dd.hub.load_checkpoint (their sha256 sidecars are checked there).
+    Toy settings: the constructor kwargs recorded in teacher.json must equal the setting's, weights come from
+    its safetensors files. Models are created on the meta device and take the loaded tensors directly (no
+    random init of a 300M model just to overwrite it).
     """
     from dd.toy_teacher import build_models
 
@@ -333,15 +334,14 @@ def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.
     if info.get("family") != setting.family:
         raise StageError(f"{info_path}: family {info.get('family')!r} is not the setting's {setting.family!r}; "
                          f"re-run `dd teacher --setting {setting.name}`")
+    tokenizer_kwargs, model_kwargs = setting_model_kwargs(setting)
     if info.get("source") == "hub":
-        tokenizer_kwargs, model_kwargs = setting_model_kwargs(setting)
         files = {role: teacher_dir / info["files"][role]["file"] for role in ("tokenizer", "model")}
 
         def read(role):
             return hub.load_checkpoint(files[role], info["files"][role]["load_layout"])
     elif info.get("source") == "train":
-        tokenizer_kwargs, model_kwargs = info["tokenizer"]["kwargs"], info["model"]["kwargs"]
-        _check_trained_matches_setting(info_path, setting, tokenizer_kwargs, model_kwargs)
+        _check_trained_matches_setting(info_path, setting, (tokenizer_kwargs, model_kwargs), info)
         files = {"tokenizer": teacher_dir / info["files"]["tokenizer"], "model": teacher_dir / info["files"]["teacher"]}
 
         def read(role):
@@ -355,9 +355,5 @@ def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.
         tokenizer, model = build_models(setting.family, tokenizer_kwargs, model_kwargs)
     _load_strict(tokenizer, read("tokenizer"), files["tokenizer"], setting)
     _load_strict(model, read("model"), files["model"], setting)
-    num_classes = model.num_classes if setting.family == "var" else model.config.num_classes
-    if num_classes != setting.num_classes:
-        raise StageError(f"{teacher_dir}: the teacher has {num_classes} classes, setting '{setting.name}' "
-                         f"{setting.num_classes}")
     return TEACHERS[setting.family](tokenizer.to(device), model.to(device), setting.teacher_sampling, files=files)
 
