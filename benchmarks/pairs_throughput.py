@@ -8,11 +8,12 @@ Random weights give flatter distributions than trained ones (VAR's official init
 zero-init head replaced by N(0, 0.02) as in benchmarks/teacher_sampling.py), so the flow map's work per
 token (support size, steps to decide) is on the high side of a trained teacher's.
 
-    python benchmarks/pairs_throughput.py [--devices cpu cuda] [--llamagen-b-tokens 32] [--threads N] [--no-write]
+    python benchmarks/pairs_throughput.py [--devices cpu cuda] [--llamagen-b-tokens 32] [--threads N] [--repeats 3] [--no-write]
 
 On a CPU, LlamaGen-B's 256 sequential steps are slow: `--llamagen-b-tokens N` times the first N tokens
 of both runs and extrapolates pairs/s linearly (per-token cost grows slightly with position, so pairs/s
-is a slight over-estimate; the ratio is measured on the same prefix). The flow-solver share is the time
+is a slight over-estimate; the ratio is measured on the same prefix). Plain and pairs runs alternate
+--repeats times and the fastest of each is reported. The flow-solver share is the time
 spent inside dd.flow.tokens_from_noise during the pairs run (the rest is the teacher). VAR's sampler also
 decodes the image after the last scale; both runs pay that, and its time is listed separately.
 """
@@ -74,7 +75,7 @@ def timed(fn, device):
 
 
 @torch.no_grad()
-def bench(label, setting, batch, device, steps_limit):
+def bench(label, setting, batch, device, steps_limit, repeats):
     teacher = build_teacher(setting, device)
     solver = dict(setting.flow.solver)
     steps = teacher.num_steps if steps_limit is None else min(steps_limit, teacher.num_steps)
@@ -87,13 +88,19 @@ def bench(label, setting, batch, device, steps_limit):
         teacher.flow_tokens(noise, labels, solver, num_steps=steps)
 
     teacher.flow_tokens(torch.randn(batch, teacher.num_tokens, teacher.token_dim), labels, solver, num_steps=1)  # warm-up
-    plain = timed(lambda: teacher.sample_tokens(labels, generator=generator, num_steps=steps), device)
-    clock = SolverClock(device)
-    teacher_module.tokens_from_noise = clock
-    try:
-        pairs = timed(pairs_run, device)
-    finally:
-        teacher_module.tokens_from_noise = clock.inner
+    # Interleaved repeats, best of each: on a shared machine a slow spell during one run would otherwise
+    # move the ratio by tens of percent.
+    plain, pairs, solver_seconds = float("inf"), float("inf"), 0.0
+    for _ in range(repeats):
+        plain = min(plain, timed(lambda: teacher.sample_tokens(labels, generator=generator, num_steps=steps), device))
+        clock = SolverClock(device)
+        teacher_module.tokens_from_noise = clock
+        try:
+            seconds = timed(pairs_run, device)
+        finally:
+            teacher_module.tokens_from_noise = clock.inner
+        if seconds < pairs:
+            pairs, solver_seconds = seconds, clock.seconds
     decode = 0.0
     if setting.family == "var" and steps == teacher.num_steps:
         pn = teacher.model.patch_nums[-1]
@@ -102,7 +109,7 @@ def bench(label, setting, batch, device, steps_limit):
     scale = teacher.num_tokens / tokens_timed
     row = {"model": label, "device": device.type, "batch": batch, "pairs_per_s": batch / (pairs * scale),
            "plain_s": plain * scale, "pairs_s": pairs * scale, "ratio": pairs / plain,
-           "solver_share": clock.seconds / pairs, "decode_s": decode,
+           "solver_share": solver_seconds / pairs, "decode_s": decode,
            "note": "" if tokens_timed == teacher.num_tokens else
            f"first {tokens_timed} of {teacher.num_tokens} tokens timed, times extrapolated"}
     print(f"{label:<32} {device.type:<4} batch {batch:>3}: {row['pairs_per_s']:9.3f} pairs/s, plain "
@@ -118,8 +125,11 @@ def main():
     parser.add_argument("--only", nargs="+", help="setting names to run (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a "
                         "shared, loaded machine 1 avoids thread-pool stalls that swamp small kernels")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/pairs runs; the best of each counts")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     params = load_params("params.yaml")
@@ -129,13 +139,13 @@ def main():
             if args.only and name not in args.only:
                 continue
             limit = args.llamagen_b_tokens if name == "llamagen-b" and device.type == "cpu" else None
-            rows.append(bench(label, params.setting(name), batch, device, limit))
+            rows.append(bench(label, params.setting(name), batch, device, limit, args.repeats))
     if args.no_write:
         return
     lines = [
         "`python benchmarks/pairs_throughput.py` — Teacher.flow_tokens (the pairs stage's inner step) against plain "
         "ancestral sampling of the same teacher, same batch, same teacher_sampling; random weights; fp32; default "
-        "flow solver (params.yaml `flow.solver: {}`).",
+        f"flow solver (params.yaml `flow.solver: {{}}`); best of {args.repeats} interleaved runs of each.",
         f"Machine: {machine()}",
         "",
         "| model | device | batch | pairs/s | plain sampling (s) | pairs (s) | ratio pairs/plain | flow solver share | VAR image decode in both (s) | note |",

@@ -102,6 +102,30 @@ def test_fixed_grid_solvers_converge():
         assert (index != reference).double().mean() < 2e-3, solver
 
 
+def test_order_3_takes_fewer_evaluations_than_order_2(monkeypatch):
+    """The default adaptive solver (order 3, Adams AB2/AM3) against the trapezoid rule without history
+    (order 2) at the same tol: both agree with a tight reference solve of the same noise, and order 3 needs
+    well under 0.7 of the posterior evaluations (about half in benchmarks/RESULTS.md)."""
+    import dd.flow as flow
+
+    p, codebook, n = make_probs(2048, 1.0, 1000, seed=40), make_codebook(2048, 8, True, seed=41), 2000
+    eps, probs = noise(n, 8, 42), p.expand(n, -1)
+    reference, _ = tokens_from_noise(eps, probs, codebook, tol=1e-6)
+    real_posterior, row_evaluations = flow._Rows.posterior, {}
+    for order in (2, 3):
+        count = [0]
+
+        def counting(self, y, mu, need_top=None, count=count):
+            count[0] += y.shape[0]
+            return real_posterior(self, y, mu, need_top)
+
+        monkeypatch.setattr(flow._Rows, "posterior", counting)
+        index, _ = tokens_from_noise(eps, probs, codebook, order=order)
+        row_evaluations[order] = count[0]
+        assert (index != reference).double().mean() < 5e-3, order
+    assert row_evaluations[3] < 0.7 * row_evaluations[2], row_evaluations
+
+
 def test_deterministic_and_chunk_independent():
     p, codebook = make_probs(512, 1.0, 40, seed=12), make_codebook(512, 8, True, seed=13)
     eps, probs = noise(3000, 8, 14), p.expand(3000, -1)
@@ -219,6 +243,8 @@ def test_value_errors():
             tokens_from_noise(args["noise"], args["probs"], args["codebook"])
     with pytest.raises(ValueError, match="solver"):
         tokens_from_noise(eps, probs, codebook, solver="rk4")
+    with pytest.raises(ValueError, match="order must be 2 or 3"):
+        tokens_from_noise(eps, probs, codebook, order=4)
     with pytest.raises(ValueError, match="schedule"):
         tokens_from_noise(eps, probs, codebook, solver="euler", schedule="cosine")
     with pytest.raises(ValueError, match="float"):

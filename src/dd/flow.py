@@ -25,10 +25,12 @@ to t ~ 0.01 for 16384 unit vectors in 8-d (LlamaGen). A fixed grid tuned for one
 other (benchmarks/RESULTS.md, "Flow-map solver"), so the default solver adapts the step per row.
 
 Solvers:
-  "adaptive" (default) per-row step control in log t. Each step is an Euler prediction plus a
-             trapezoid correction that reuses x0_hat at the prediction (Heun in PEC mode: one x0_hat
-             evaluation per step, second order). The difference between the two, in noise units, is
-             the error estimate; a step is accepted when it is <= tol and the next step is sized from it.
+  "adaptive" (default) per-row step control in log t. Each step is a prediction from x0_hat at the
+             current and the previous accepted point, x0_hat at the prediction, and a correction
+             through all three (variable-step Adams AB2/AM3 in PEC mode: one x0_hat evaluation per
+             step, third order; order=2 drops the previous point: Euler + trapezoid, i.e. Heun). The
+             difference between prediction and correction, in noise units, is the error estimate; a
+             step is accepted when it is <= tol and the next step is sized from it.
   "euler"    fixed grid (see time_grid), one evaluation per step.
   "dpm2m"    fixed grid, DPM-Solver++(2M): x0_hat linear in log mu through this and the previous
              step, integrated exactly; one evaluation per step, second order.
@@ -55,6 +57,7 @@ SCHEDULES = ("log", "uniform", "power")
 
 DEFAULT_SOLVER = "adaptive"
 DEFAULT_TOL = 1e-3
+DEFAULT_ORDER = 3
 DEFAULT_STEPS = 64
 DEFAULT_SCHEDULE = "log"
 DEFAULT_T_MIN = 1e-6
@@ -127,23 +130,26 @@ def _check_inputs(noise, probs, codebook):
 
 
 class _Rows:
-    """The rows still being integrated, with their support: log p (n, K), codes (n, K, C), ||c||^2 (n, K).
+    """The rows still being integrated, with their support: log p (n, K), the gathered codes and a padding mask.
 
-    The gathered codes are kept in two layouts, (n, K, C) and (n, C, K), because each of the two batched
-    products of an evaluation is 2-3x faster on CPU with its own contiguous layout (measured at K = 8000,
-    C = 8: benchmarks/RESULTS.md, "Pairs throughput"); the memory is counted in tokens_from_noise's chunks.
+    The codes are gathered as (n, C + 1, K), with -||c||^2 / 2 as the extra row: the log-weights are then
+    one batched product (no separate pass for the ||c||^2 term), and x0_hat is the product of the weights with
+    the transposed view, which on a CPU is faster than with a (n, K, C) copy (57 vs 98 us at 8 rows,
+    K = 8000, C = 8, one thread).
     """
 
-    def __init__(self, log_p, codes, code_sq, decided_tol):
+    def __init__(self, log_p, codes_aug_t, padding, decided_tol):
         self.decided_tol = decided_tol
         self.index = torch.arange(log_p.shape[0], device=log_p.device)  # row in the chunk
-        self.log_p, self.codes, self.code_sq = log_p, codes, code_sq
-        self.codes_t = codes.transpose(1, 2).contiguous()
-        self.padding = log_p == -math.inf  # support slots of rows with fewer than K codes
+        self.log_p, self.codes_aug_t = log_p, codes_aug_t
+        self.padding = padding if bool(padding.any()) else None  # support slots of rows with fewer than K codes
 
     def keep(self, mask):
-        for name in ("index", "log_p", "codes", "codes_t", "code_sq", "padding"):
-            setattr(self, name, getattr(self, name)[mask])
+        rows = mask.nonzero().squeeze(1)
+        for name in ("index", "log_p", "codes_aug_t", "padding"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, rows))
 
     def posterior(self, y, mu, need_top=None):
         """At (y, mu), mu (n, 1): x0_hat (n, C), and the top code (n,) and whether the row is decided, or
@@ -154,37 +160,55 @@ class _Rows:
         the nearest-code search over all K slots cost as much as the softmax, and most evaluations have no
         candidate row at all.
         """
-        # log w_j + const = log p_j - mu^2 ||c_j||^2 / 2 + <mu y, c_j>: one fused multiply-add, one batched product
-        base = torch.addcmul(self.log_p, self.code_sq, mu * mu, value=-0.5)
-        logits = torch.baddbmm(base.unsqueeze(1), (mu * y).unsqueeze(1), self.codes_t).squeeze(1)
+        # log w_j + const = log p_j + <mu y, c_j> + mu^2 (-||c_j||^2 / 2): one batched product
+        coeffs = torch.cat([mu * y, mu * mu], dim=1).unsqueeze(1)
+        logits = torch.baddbmm(self.log_p.unsqueeze(1), coeffs, self.codes_aug_t).squeeze(1)
         w = torch.softmax(logits, dim=-1)
-        x0_hat = torch.bmm(w.unsqueeze(1), self.codes).squeeze(1)
+        x0_hat = torch.bmm(w.unsqueeze(1), self.codes_aug_t.transpose(1, 2)).squeeze(1)[:, :-1]
         candidate = w.amax(dim=-1) >= 1.0 - self.decided_tol
         look = candidate if need_top is None else candidate | need_top
         if y.device.type not in SELECT_ROWS_ON:  # on a GPU the full searches are cheap, selecting rows costs a sync
             top = w.argmax(dim=-1)
-            nearest = (logits - self.log_p).masked_fill(self.padding, -math.inf).argmax(dim=-1)
-            return x0_hat, torch.where(look, top, -1), candidate & (top == nearest)
+            return x0_hat, torch.where(look, top, -1), candidate & (top == self._nearest(logits, self.log_p, self.padding))
         if not look.any():
             return x0_hat, None, None
         top = torch.full((y.shape[0],), -1, dtype=torch.long, device=y.device)
         decided = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
         rows = look.nonzero().squeeze(1)
-        top_rows = w[rows].argmax(dim=-1)
-        # nearest scaled code = the largest likelihood term (logits - log p; padding slots give nan -> -inf)
-        nearest = (logits[rows] - self.log_p[rows]).masked_fill(self.padding[rows], -math.inf).argmax(dim=-1)
+        top_rows = w.index_select(0, rows).argmax(dim=-1)
+        padding = None if self.padding is None else self.padding.index_select(0, rows)
+        nearest = self._nearest(logits.index_select(0, rows), self.log_p.index_select(0, rows), padding)
         top[rows] = top_rows
         decided[rows] = candidate[rows] & (top_rows == nearest)
         return x0_hat, top, decided
 
+    @staticmethod
+    def _nearest(logits, log_p, padding):
+        """The nearest scaled code: the largest likelihood term, logits - log p (padding slots: nan -> -inf)."""
+        likelihood = logits - log_p
+        if padding is not None:
+            likelihood = likelihood.masked_fill(padding, -math.inf)
+        return likelihood.argmax(dim=-1)
 
-def _integrate_adaptive(noise, rows, tol, t_min):
-    """Per-row adaptive Heun (PEC) in log t; returns each row's token as a position in its support.
 
-    Runs in the coordinates of the module docstring, y = x / t and mu = 1 / t - 1, with lam = -log t the
-    variable the step h is taken in: each step is a few (rows, 1) and (rows, C) operations besides the
-    posterior, because at LlamaGen's batch sizes per AR step the loop's small operations cost as much as
-    the posterior itself.
+def _integrate_adaptive(noise, rows, tol, t_min, order):
+    """Per-row adaptive Adams PEC, steps sized in log t; returns each row's token as a position in its support.
+
+    In the coordinates of the module docstring, dy/dmu = x0_hat. Each step from mu to mu + H is one
+    posterior evaluation: a prediction, x0_hat there (d_p), and a correction that reuses it. With d the
+    current x0_hat, d_b the one at the previous accepted point (mu - H_b), D_p = d_p - d and D_b = d - d_b:
+
+        prediction  y_p = y + H d + H^2 / (2 H_b) D_b                          (line through d_b, d: AB2)
+        correction  y_c = y + H d + (H/2 - q) D_p + q H / H_b D_b,  q = H^2 / (6 (H + H_b))
+                                                                  (parabola through d_b, d, d_p: AM3)
+
+    i.e. x0_hat interpolated as a polynomial in mu and integrated exactly. H_b = inf (the first step, and
+    every step of order 2) turns them into Euler and the trapezoid rule (Heun). |y_c - y_p|, in noise
+    units, is the error estimate; a step is accepted when it is <= tol and the next step is sized from it,
+    in lam = -log t (the posterior moves at a steady pace in log t, not in mu). Order 3 takes about half
+    the evaluations of order 2 for a smaller error (benchmarks/RESULTS.md, "Flow-map solver"). The step
+    bookkeeping is (rows, 1) columns: at LlamaGen's batch sizes per AR step the loop's small operations
+    cost as much as the posterior itself.
     """
     n = noise.shape[0]
     result = torch.empty(n, dtype=torch.long, device=noise.device)
@@ -192,28 +216,41 @@ def _integrate_adaptive(noise, rows, tol, t_min):
     lam = torch.zeros(n, 1, dtype=noise.dtype, device=noise.device)
     mu = torch.zeros_like(lam)
     h = torch.full_like(lam, FIRST_STEP)
+    back = torch.full_like(lam, math.inf)  # H_b of the docstring; inf: no previous point
     lam_end = -math.log(t_min)
+    exponent = 1.0 / order  # the estimate is the local error of the order-(order - 1) prediction
     active = torch.ones(n, dtype=torch.bool, device=noise.device)
     d = rows.posterior(y, mu)[0]
+    diff_back = torch.zeros_like(d)  # D_b
+    # Step control: h <- h * clamp(0.9 (tol / err)^(1/order), 0.2, 4), as one power of err.
+    err_scale = 1.0 / (tol * 0.9 ** order)
     while True:
         lam_s = torch.clamp(lam + h, max=lam_end)
         mu_s = torch.expm1(lam_s)
-        dmu = mu_s - mu
-        y_euler = torch.addcmul(y, dmu, d)
+        big_h = mu_s - mu
+        ratio = big_h / back  # H / H_b
+        y_pred = torch.addcmul(torch.addcmul(y, big_h, d), big_h * ratio, diff_back, value=0.5)
         at_end = lam_s.squeeze(1) >= lam_end
-        d_pred, top, decided = rows.posterior(y_euler, mu_s, need_top=at_end)
-        change = d_pred - d
-        # Euler and trapezoid differ by dmu |d_pred - d| / 2 in y, i.e. in noise units.
-        err = dmu * change.norm(dim=-1, keepdim=True) * 0.5
-        accept = err <= tol
-        y = torch.where(accept, torch.addcmul(y_euler, dmu, change, value=0.5), y)  # the trapezoid rule
+        d_pred, top, decided = rows.posterior(y_pred, mu_s, need_top=at_end)
+        diff_pred = d_pred - d
+        # y_c - y_p = (H/2 - q) D_p + (q H / H_b - H^2 / (2 H_b)) D_b = k (D_p - (H / H_b) D_b), k = H/2 - q
+        k = big_h * (0.5 - ratio / (6.0 * ratio + 6.0))
+        correction = k * torch.addcmul(diff_pred, ratio, diff_back, value=-1.0)
+        err = correction.norm(dim=-1, keepdim=True)
+        # A step that rounds to zero length (h below float precision of lam) is not taken: it would make
+        # H_b = 0. Rows parked at t_min after finishing take no step either.
+        accept = (err <= tol) & (big_h > 0)
+        y = torch.where(accept, y_pred + correction, y)
+        diff_back = torch.where(accept, diff_pred, diff_back)
         d = torch.where(accept, d_pred, d)
+        if order == 3:  # order 2 keeps H_b = inf: no previous point enters
+            back = torch.where(accept, big_h, back)
         lam = torch.where(accept, lam_s, lam)
         mu = torch.where(accept, mu_s, mu)
-        h = torch.clamp(h * torch.clamp(0.9 * torch.sqrt(tol / err), 0.2, 4.0), max=MAX_STEP)
+        h = torch.clamp(h * torch.clamp(torch.pow(err * err_scale, -exponent), 0.2, 4.0), max=MAX_STEP)
         if top is None:  # no row is a candidate for deciding, none is at t_min
             continue
-        # Decided at the Euler prediction, within tol of the accepted point: the criterion has a wide margin.
+        # Decided at the prediction, within tol of the accepted point: the criterion has a wide margin.
         done = active & accept.squeeze(1) & (decided | at_end)
         if done.any():
             result[rows.index[done]] = top[done]
@@ -223,7 +260,8 @@ def _integrate_adaptive(noise, rows, tol, t_min):
                 return result
             # Finished rows ride along (their results are ignored) until compacting pays for the copy.
             if n_active < 0.75 * active.shape[0]:
-                y, d, lam, mu, h, keep = y[active], d[active], lam[active], mu[active], h[active], active
+                keep = active
+                y, d, diff_back, lam, mu, back, h = (x[keep] for x in (y, d, diff_back, lam, mu, back, h))
                 rows.keep(keep)
                 active = active[keep]
 
@@ -273,6 +311,7 @@ def tokens_from_noise(
     schedule=DEFAULT_SCHEDULE,
     t_min=DEFAULT_T_MIN,
     decided_tol=DEFAULT_DECIDED_TOL,
+    order=DEFAULT_ORDER,
     chunk_elements=None,
 ):
     """Map per-token Gaussian noise to tokens distributed exactly as probs.
@@ -289,6 +328,7 @@ def tokens_from_noise(
     Solver kwargs, defaults chosen by measurement (benchmarks/RESULTS.md, "Flow-map solver"):
       solver      "adaptive" (default), "euler" (= DDIM) or "dpm2m" (DPM-Solver++(2M)); module docstring
       tol         1e-3: adaptive only, the local error allowed per step in noise units
+      order       3: adaptive only, 3 (Adams AB2/AM3 on the previous accepted point) or 2 (no history)
       steps       64: fixed-grid solvers only, the number of grid steps from t = 1 to t_min
       schedule    "log": fixed-grid solvers only, "log", "uniform" or "power" (see time_grid)
       t_min       1e-6: the smallest time; a row still undecided there takes its argmax posterior
@@ -300,6 +340,8 @@ def tokens_from_noise(
         raise ValueError(f"tokens_from_noise: solver must be one of {SOLVERS}, got {solver!r}")
     if not 0.0 < decided_tol < 0.5:
         raise ValueError(f"tokens_from_noise: decided_tol must lie in (0, 0.5), got {decided_tol!r}")
+    if order not in (2, 3):
+        raise ValueError(f"tokens_from_noise: order must be 2 or 3, got {order!r}")
     if not tol > 0.0:
         raise ValueError(f"tokens_from_noise: tol must be > 0, got {tol!r}")
     grid = time_grid(steps, schedule, t_min)
@@ -311,19 +353,28 @@ def tokens_from_noise(
     if n == 0:
         return index, codebook[index]
     support = int((probs > 0).sum(dim=1).max())
-    rows_per_chunk = max(1, chunk_elements // (2 * support * c))
+    rows_per_chunk = max(1, chunk_elements // ((c + 1) * support))
     codebook_work = codebook.to(dtype)
-    code_sq = codebook_work.square().sum(dim=1)
+    half_sq = codebook_work.square().sum(dim=1, keepdim=True).mul_(-0.5)
+    codebook_aug_t = torch.cat([codebook_work, half_sq], dim=1).t().contiguous()  # (C + 1, V)
+    slots = torch.arange(support, device=noise.device)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        chunk = probs[start:stop]
-        # Each row's support first, in codebook order, padded with p = 0 slots (log 0 = -inf: zero weight).
-        # A stable sort of the zero mask: 3x cheaper than topk(support) at V = 16384, K = 8000.
-        idx = (chunk == 0).to(torch.uint8).sort(dim=1, stable=True).indices[:, :support]
-        rows = _Rows(chunk.gather(1, idx).to(dtype).log(), codebook_work[idx], code_sq[idx], decided_tol)
+        chunk, m = probs[start:stop], stop - start
+        # Each row's support in codebook order: code j goes to slot (number of support codes before j);
+        # codes outside the support go to a spare last slot, dropped. Slots past a row's support size are
+        # padding (code 0 with log p = -inf: zero weight).
+        in_support = chunk > 0
+        slot = in_support.cumsum(dim=1).sub_(1).masked_fill_(~in_support, support)
+        idx = torch.zeros(m, support + 1, dtype=torch.long, device=noise.device)
+        idx = idx.scatter_(1, slot, torch.arange(chunk.shape[1], device=noise.device).expand(m, -1))[:, :support]
+        padding = slots >= in_support.sum(dim=1, keepdim=True)
+        log_p = chunk.gather(1, idx).to(dtype).log_().masked_fill_(padding, -math.inf)
+        codes_aug_t = codebook_aug_t.unsqueeze(0).expand(m, -1, -1).gather(2, idx.unsqueeze(1).expand(-1, c + 1, -1))
+        rows = _Rows(log_p, codes_aug_t, padding, decided_tol)
         x = noise[start:stop].to(dtype)
         if solver == "adaptive":
-            pos = _integrate_adaptive(x, rows, tol, t_min)
+            pos = _integrate_adaptive(x, rows, tol, t_min, order)
         else:
             pos = _integrate_grid(x, rows, grid, solver)
         index[start:stop] = idx.gather(1, pos.unsqueeze(1)).squeeze(1)
