@@ -131,7 +131,7 @@ def test_deterministic_and_chunk_independent():
     eps, probs = noise(3000, 8, 14), p.expand(3000, -1)
     first, _ = tokens_from_noise(eps, probs, codebook)
     again, _ = tokens_from_noise(eps.clone(), probs.clone(), codebook.clone())
-    chunked, _ = tokens_from_noise(eps[:300], probs[:300], codebook, chunk_elements=40 * 8 * 7)  # 7 rows a chunk
+    chunked, _ = tokens_from_noise(eps[:300], probs[:300], codebook, chunk_elements=40 * 9 * 7)  # 7 rows a chunk: K (C + 1) elements a row
     assert torch.equal(first, again) and torch.equal(first[:300], chunked)
 
 

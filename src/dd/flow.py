@@ -321,9 +321,9 @@ def tokens_from_noise(
 
     Deterministic: the same noise and probs give the same token, and a row's token does not depend on
     the other rows. Only the support of each row's p enters (a code with p_j = 0 is never returned): rows
-    are padded to the largest support size K in the batch and run in chunks of chunk_elements / (2 K C)
-    rows, which bounds the gathered codebook (two layouts of (rows, K, C)). chunk_elements defaults to 2**25
-    on CPU and 2**28 on CUDA (128 MiB and 1 GiB of float32; peak use is about 1.5 times that).
+    are padded to the largest support size K in the batch and run in chunks of chunk_elements / (K (C + 1))
+    rows, which bounds the gathered codebook ((rows, C + 1, K)). chunk_elements defaults to 2**25 on CPU and
+    2**28 on CUDA (128 MiB and 1 GiB of float32; peak use is up to about twice that).
 
     Solver kwargs, defaults chosen by measurement (benchmarks/RESULTS.md, "Flow-map solver"):
       solver      "adaptive" (default), "euler" (= DDIM) or "dpm2m" (DPM-Solver++(2M)); module docstring
