@@ -352,7 +352,8 @@ def tokens_from_noise(
     index = torch.empty(n, dtype=torch.long, device=noise.device)
     if n == 0:
         return index, codebook[index]
-    support = int((probs > 0).sum(dim=1).max())
+    support_sizes = (probs > 0).sum(dim=1)
+    support = int(support_sizes.max())
     rows_per_chunk = max(1, chunk_elements // ((c + 1) * support))
     codebook_work = codebook.to(dtype)
     half_sq = codebook_work.square().sum(dim=1, keepdim=True).mul_(-0.5)
@@ -368,7 +369,7 @@ def tokens_from_noise(
         slot = in_support.cumsum(dim=1).sub_(1).masked_fill_(~in_support, support)
         idx = torch.zeros(m, support + 1, dtype=torch.long, device=noise.device)
         idx = idx.scatter_(1, slot, torch.arange(chunk.shape[1], device=noise.device).expand(m, -1))[:, :support]
-        padding = slots >= in_support.sum(dim=1, keepdim=True)
+        padding = slots >= support_sizes[start:stop, None]
         log_p = chunk.gather(1, idx).to(dtype).log_().masked_fill_(padding, -math.inf)
         codes_aug_t = codebook_aug_t.unsqueeze(0).expand(m, -1, -1).gather(2, idx.unsqueeze(1).expand(-1, c + 1, -1))
         rows = _Rows(log_p, codes_aug_t, padding, decided_tol)
