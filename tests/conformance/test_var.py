@@ -138,6 +138,10 @@ def test_sampling_is_seeded_and_prefix_replay_continues_the_same_sequence():
     assert all(torch.equal(a, b) for a, b in zip(partial, greedy[:3]))
     with pytest.raises(ValueError, match="prefix_idx"):
         model.sample(vae, label, prefix_idx=greedy[:3], end_scale=2)
+    # decode=False: the same seeded tokens, and no decoder pass (the Teacher seam decodes separately)
+    img_none, idx_d = model.sample(vae, label, cfg=2.0, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(7),
+                                   decode=False)
+    assert img_none is None and all(torch.equal(a, b) for a, b in zip(idx_a, idx_d))
 
 
 def test_draw_hook_receives_the_sampling_distribution():

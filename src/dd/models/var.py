@@ -373,7 +373,8 @@ class VAR(nn.Module):
     @torch.no_grad()
     def sample(self, vae, label_B, cfg=1.5, top_k=0, top_p=0.0, generator: Optional[torch.Generator] = None,
                more_smooth=False, draw: Optional[DrawFn] = None, prefix_idx=None, end_scale: Optional[int] = None,
-               temperature: float = 1.0, logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None):
+               temperature: float = 1.0, logits_hook: Optional[Callable[[int, torch.Tensor], None]] = None,
+               decode: bool = True):
         """Scale-by-scale generation with a KV cache and classifier-free guidance (official autoregressive_infer_cfg).
 
         label_B: int64 [B] (num_classes = unconditional). Guidance at scale k: (1+t) cond - t uncond with
@@ -385,7 +386,10 @@ class VAR(nn.Module):
         prefix_idx: given tokens of the first scales (list of [B, pn_k^2]), replayed through the cache instead of
         drawn. end_scale: stop after this many scales (partial generation).
         logits_hook(k, guided_logits [B, n_k, V]) sees each drawn scale's guided logits before filtering.
-        Returns (images [B, 3, H, W] in [0, 1], or None when stopped early; idx_list of the generated scales)."""
+        decode=False skips the VQVAE decoder (callers that only want the tokens: the decoder costs as much as the
+        whole transformer pass at VAR-d16 size on a CPU).
+        Returns (images [B, 3, H, W] in [0, 1], or None when stopped early or decode=False; idx_list of the
+        generated scales)."""
         check_labels(label_B, self.num_classes, "VAR.sample")
         self._check_vae(vae)
         device = self.lvl_1L.device
@@ -447,5 +451,5 @@ class VAR(nn.Module):
         finally:
             for block in self.blocks:
                 block.attn.kv_caching(False)
-        img = (vae.fhat_to_img(f_hat) + 1) / 2 if end_scale == S else None
+        img = (vae.fhat_to_img(f_hat) + 1) / 2 if end_scale == S and decode else None
         return img, idx_list
