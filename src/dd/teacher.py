@@ -224,6 +224,9 @@ class LlamaGenTeacher(Teacher):
 
     def __init__(self, vq: VQModel, model: LlamaGenGPT, sampling: TeacherSampling, files: Optional[dict] = None):
         c = model.config
+        if c.model_type != "c2i":
+            raise ValueError(f"LlamaGenTeacher: the {c.model_type} GPT takes caption features, and the Teacher seam "
+                             "carries class labels only so far (text-to-image through the seam is issue 15)")
         if vq.config.codebook_size != c.vocab_size:
             raise ValueError(f"LlamaGenTeacher: VQ codebook_size {vq.config.codebook_size} does not match the "
                              f"GPT's vocab_size {c.vocab_size}")

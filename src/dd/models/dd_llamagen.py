@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from dd.models.llamagen import (ClassEmbedding, GPTConfig, LlamaGenGPT, RMSNorm, TransformerBlock,
+from dd.models.llamagen import (GPTConfig, LlamaGenGPT, RMSNorm, TransformerBlock, condition_embedding,
                                 drop_path_rates, init_llamagen_weights, precompute_freqs_cis_2d,
                                 rope_rows)
 
@@ -50,8 +50,9 @@ class LlamaGenDD(nn.Module):
                              f"{tuple(codebook.shape)}; pass VQModel.codebook_l2()")
         self.config = config
         codebook_dim = codebook.shape[1]
-        # the official class table always has the null row, whatever class_dropout_prob says
-        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, 0.0, null_row=True)
+        # the official class table always has the null row, whatever class_dropout_prob says; a t2i
+        # student has the teacher's CaptionEmbedder (null caption included) instead
+        self.cls_embedding = condition_embedding(config, 0.0, null_row=True)
         self.tok_embeddings = nn.Linear(codebook_dim, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(config, p) for p in drop_path_rates(config))
@@ -76,6 +77,9 @@ class LlamaGenDD(nn.Module):
         """Copy the class table, every transformer layer, the final norm and the logits head from the
         teacher (the official init_with_teacher); tok_embeddings, n_d_embed and final_layer_conti keep
         their DD init."""
+        if self.config.model_type != "c2i" or teacher.config.model_type != "c2i":
+            raise ValueError("init_from_teacher: only the class-conditional student is implemented; the t2i "
+                             "student has the layout of the official DDTransformer but no forward yet")
         teacher_table = teacher.cls_embedding.embedding_table.weight
         if teacher_table.shape != self.cls_embedding.embedding_table.weight.shape:
             raise ValueError(f"init_from_teacher: teacher class table {tuple(teacher_table.shape)} != student "
@@ -99,6 +103,9 @@ class LlamaGenDD(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor):
         """x (B, block_size, C), cond (B,) labels, t (B,) -> (tokens (B, L, C), logits (B, L, V)), float32."""
         B, L, C = x.shape
+        if self.config.model_type != "c2i":
+            raise ValueError("LlamaGenDD.forward: only the class-conditional student is implemented; a t2i "
+                             "student (caption prefix) can be built for its state_dict layout but not run yet")
         if L != self.config.block_size or C != self.codebook.shape[1]:
             raise ValueError(f"LlamaGenDD.forward: x must be (B, {self.config.block_size}, {self.codebook.shape[1]}), "
                              f"got {tuple(x.shape)}")
