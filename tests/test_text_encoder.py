@@ -122,3 +122,49 @@ def test_hand_placed_folder_is_verified_and_used_offline(tmp_path, monkeypatch):
     (folder / "spiece.model").write_bytes(b"changed after the first fetch")
     with pytest.raises(HubError, match="sha256 mismatch"):
         fetch_folder("flan-t5-xl", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+def test_caption_features_are_cached_in_shards_and_read_back(tmp_path):
+    from dd.caption_features import CaptionFeatures, write_caption_features
+
+    encoder = tiny_encoder()
+    captions = CAPTIONS + ["a large digit zero", "one"]
+    folder = write_caption_features(encoder, captions, tmp_path / "features", shard_size=2, batch_size=1,
+                                    encoder_id={"name": "tiny", "seed": 0})
+    assert sorted(p.name for p in folder.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    cache = CaptionFeatures(folder)
+    assert len(cache) == 5 and cache.captions == captions
+    expected, mask = encoder.encode(captions)
+    features, got_mask = cache.rows([4, 0, 3])
+    torch.testing.assert_close(features, expected[[4, 0, 3]], atol=1e-6, rtol=1e-5)
+    assert torch.equal(got_mask.long(), mask[[4, 0, 3]].long())
+    (folder / "shard-00001.safetensors").write_bytes(b"damaged")
+    with pytest.raises(Exception, match="sha256"):
+        CaptionFeatures(folder)
+
+
+def test_caption_features_resume_after_a_kill(tmp_path):
+    from dd.caption_features import CaptionFeatures, write_caption_features
+
+    encoder = tiny_encoder()
+    calls = []
+    real_encode = encoder.encode
+
+    def dying_encode(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while encoding the second shard
+        return real_encode(rows)
+
+    encoder.encode = dying_encode
+    with pytest.raises(KeyboardInterrupt):
+        write_caption_features(encoder, CAPTIONS, tmp_path / "features", shard_size=2, batch_size=2)
+    assert not (tmp_path / "features").exists()  # nothing finished-looking
+    calls.clear()
+    encoder.encode = lambda rows: (calls.append(len(rows)), real_encode(rows))[1]
+    write_caption_features(encoder, CAPTIONS, tmp_path / "features", shard_size=2, batch_size=2)
+    assert calls == [1]  # only the unfinished shard (1 caption) was encoded again
+    torch.testing.assert_close(CaptionFeatures(tmp_path / "features").rows([0, 1, 2])[0], real_encode(CAPTIONS)[0],
+                               atol=1e-6, rtol=1e-5)
