@@ -11,6 +11,7 @@ shared/fixtures/llamagen-t2i/README.md (t2i). Differences from the official code
     generation leaves no state behind and a later teacher-forced forward just works;
   * the cache holds n_kv_head heads, so grouped-query attention also works in cached generation;
   * `generate(prefix=...)` (the DD repo's `intermediate_generate`) works for any cfg_scale;
+  * the t2i caption mask is an argument of each call, not written into a causal_mask held by the model;
   * the sampling distribution is a separate function (`sampling_probs`) and the draw is a hook, so the
     flow-matching map can replace torch.multinomial.
 """
@@ -544,7 +545,7 @@ def generate(model: LlamaGenGPT, cond: torch.Tensor, max_new_tokens: int, cfg_sc
     `uncond_embedding`), logits = uncond + (cond - uncond) * scale.
     The first new token always uses CFG; the i-th decode step after it (i from 0) uses the conditional
     logits alone when cfg_interval > -1 and i > cfg_interval (the null half is still computed).
-    `prefix` (B, t_start) continues given tokens like the DD repo's intermediate_generate (class token
+    `prefix` (B, t_start) continues given tokens like the DD repo's intermediate_generate (condition
     and prefix are prefilled in one causal pass); unlike it, this also works with cfg_scale <= 1.
     `draw(probs (B, V), position) -> (B,)` replaces the torch.multinomial draw (with `generator`, which
     must live on the model's device); `position` is the image-token index being drawn (0-based).
