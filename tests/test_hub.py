@@ -89,13 +89,17 @@ def test_registry_has_every_paper_artifact():
 
 def test_registry_entries_are_well_formed():
     url = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/[\w./-]+\.(pt|pth)$")
+    folder_url = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/[\w./-]+$")
     for name, art in ARTIFACTS.items():
         assert art.name == name
-        assert url.match(art.url), art.url
+        assert (folder_url if art.load_layout == "hf_folder" else url).match(art.url), art.url
         assert art.kind in hub.KINDS and art.load_layout in hub.LAYOUTS
         assert art.size is None or art.size > 0
-    basenames = [a.basename for a in ARTIFACTS.values()]
+    # folder members are fetched into dest_dir/<folder>/ (fetch_folder), the rest into dest_dir itself
+    basenames = [a.basename for a in ARTIFACTS.values() if a.load_layout != "hf_folder"]
     assert len(basenames) == len(set(basenames)), "two artifacts would collide in one dest_dir"
+    members = [m for folder in hub.FOLDERS.values() for m in folder]
+    assert sorted(members) == sorted(n for n, a in ARTIFACTS.items() if a.load_layout == "hf_folder")
 
 
 def test_registry_matches_the_manifest_urls():

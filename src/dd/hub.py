@@ -1,5 +1,5 @@
 """Registry of the official checkpoints (VQ tokenizers, AR teachers, released DD students, the FID
-statistic), their download through huggingface_hub, and a safe loader.
+statistic, the text encoder of the t2i teacher), their download through huggingface_hub, and a safe loader.
 
     path = fetch("var-d16", Path("results/var-d16/teacher"))      # downloads, verifies, links
     state_dict = load_checkpoint(path, ARTIFACTS["var-d16"].load_layout)
@@ -19,6 +19,11 @@ repaired: the error names the file and says to delete it (and its sidecar) and f
 
 Loading uses torch.load(weights_only=True): tensors, plain containers and a short allowlist of
 data-only classes (argparse.Namespace, numpy arrays) -- never arbitrary pickled code.
+
+Folders. A model that `transformers` reads from a folder of several files (the flan-t5-xl text encoder)
+is one artifact per file (each verified and hand-placeable as above, layout 'hf_folder') plus an entry in
+FOLDERS; `fetch_folder(name, dest_dir)` fetches every file into dest_dir/<name>/ and returns that folder,
+which `from_pretrained(..., local_files_only=True)` then reads.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ from dd.errors import StageError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("vq", "teacher", "dd", "fid_stat")
+KINDS = ("vq", "teacher", "dd", "fid_stat", "text_encoder")
 
 # How the weights sit inside each file (reference/{var,llamagen}-architecture.md, dd-paper.md §5.2):
 #   plain        the file is the state_dict itself (VAR teachers and VQVAE, LlamaGen FSDP checkpoints);
@@ -60,7 +65,8 @@ KINDS = ("vq", "teacher", "dd", "fid_stat")
 #                ckpt['trainer']['var_wo_ddp'] (raw weights)
 #   dd_llamagen  ckpt['ema'] (EMA, the official README passes --ema) or ckpt['model'] (raw weights)
 #   fid_stat     {'m': mean (D,), 's': covariance (D, D)} as tensors or numpy arrays
-LAYOUTS = ("plain", "model", "dd_var", "dd_llamagen", "fid_stat")
+#   hf_folder    one file of a Hugging Face model folder (FOLDERS), read by transformers, not load_checkpoint
+LAYOUTS = ("plain", "model", "dd_var", "dd_llamagen", "fid_stat", "hf_folder")
 _TEACHER_KEYS = ("model", "module", "state_dict")
 
 # Data-only classes that released training dicts may contain besides tensors: LlamaGen's training
@@ -118,6 +124,13 @@ def _registry(*artifacts: Artifact) -> dict[str, Artifact]:
     return {a.name: a for a in artifacts}
 
 
+def _folder_artifacts(folder: str, repo_id: str, filenames: tuple[str, ...], description: str) -> list[Artifact]:
+    """One artifact '<folder>:<file>' per file of a Hugging Face model folder (see FOLDERS)."""
+    return [Artifact(name=f"{folder}:{filename}", repo_id=repo_id, filename=filename, kind="text_encoder",
+                     load_layout="hf_folder", description=f"{description} File {filename} of folder {folder}.")
+            for filename in filenames]
+
+
 _LLAMAGEN = "FoundationVision/LlamaGen"
 _LLAMAGEN_T2I = "peizesun/llamagen_t2i"
 _VAR = "FoundationVision/var"
@@ -171,7 +184,21 @@ ARTIFACTS: dict[str, Artifact] = _registry(
              description="ImageNet 256x256 FID reference statistic used by the DD evaluation ({'m': mu, 's': "
                          "sigma} of pytorch-fid Inception pool3 features); which images it was computed on is "
                          "unknown (GUESS: ImageNet train)."),
+    *_folder_artifacts(
+        "flan-t5-xl", "google/flan-t5-xl",
+        ("config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+         "pytorch_model-00002-of-00002.bin", "spiece.model", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json"),
+        description="flan-t5-xl (encoder 2048-d; the whole seq2seq checkpoint, of which the T5 encoder is read), "
+                    "the text encoder of the LlamaGen t2i teacher: caption features (120 tokens x 2048) for "
+                    "t2i_XL_stage1_256.pt (LlamaGen language/t5.py, model 'flan-t5-xl')."),
 )
+
+# name -> the artifacts (one per file) that make up a folder transformers reads with from_pretrained
+FOLDERS: dict[str, tuple[str, ...]] = {
+    folder: tuple(name for name, art in ARTIFACTS.items() if name.startswith(folder + ":"))
+    for folder in ("flan-t5-xl",)
+}
 
 
 # ---------------------------------------------------------------------------------------- fetch
@@ -214,6 +241,21 @@ def fetch(name: str | Artifact, dest_dir: Path | str, cache_dir: Path | str | No
     _write_sidecar(dest, sha)
     log.info("%s: %s -> %s", art.name, dest, cached)
     return dest
+
+
+def fetch_folder(name: str, dest_dir: Path | str, cache_dir: Path | str | None = None,
+                 token: str | None = None) -> Path:
+    """Fetch every file of the folder artifact `name` (FOLDERS) into dest_dir/<name>/ and return that folder.
+
+    Each file goes through `fetch` (hand-placed files are verified and used, the Hugging Face cache is used,
+    offline or unreachable -> an error naming the file, its URL and where to put it).
+    """
+    if name not in FOLDERS:
+        raise HubError(f"unknown folder artifact {name!r}; known: {', '.join(sorted(FOLDERS))}")
+    folder = Path(dest_dir).absolute() / name
+    for member in FOLDERS[name]:
+        fetch(member, folder, cache_dir=cache_dir, token=token)
+    return folder
 
 
 def _resolve(name: str | Artifact) -> Artifact:
@@ -337,6 +379,9 @@ def load_checkpoint(path: Path | str, layout: str, ema: bool | None = None) -> d
     path = Path(path)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "hf_folder":
+        raise ValueError(f"{path}: layout 'hf_folder' is one file of a transformers model folder; fetch the whole "
+                         f"folder with dd.hub.fetch_folder and read it with dd.text_encoder.T5CaptionEncoder.from_folder")
     if ema is not None and layout not in ("dd_var", "dd_llamagen"):
         raise ValueError(f"ema= selects EMA or raw weights of a DD training dict; layout {layout!r} has none")
     if not path.exists():

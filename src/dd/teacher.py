@@ -13,6 +13,10 @@ flow.py, pairs.py and most of the distillation talk to a `Teacher` and nothing e
 Token sequences are flat (B, L) int64 in the teacher's AR order (VAR: the scales coarse to fine, each
 row-major; LlamaGen: raster order). Continuous sequences are (B, L, C). Images are in [-1, 1].
 
+The condition `cond` is the only thing that differs between class-conditional and text-to-image
+teachers: (B,) int64 class labels, or `Captions` (left-padded caption features (B, T, D) + mask (B, T), as
+dd.text_encoder makes them) for a LlamaGen t2i teacher. Both index and slice by rows alike.
+
 A draw hook is `draw(probs (B, n, V), step) -> indices (B, n)`: `probs` is the sampling distribution
 of the n tokens of AR step `step` (after CFG, top-k/top-p and temperature), the indices are what the
 sampler feeds back. Both families' samplers call it with exactly the tensor they would draw from,
@@ -48,6 +52,35 @@ from dd.models.var_vqvae import VQVAE
 DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+@dataclasses.dataclass(frozen=True)
+class Captions:
+    """The condition of a text-to-image teacher: caption features (B, T, D), left-padded (real tokens at the
+    end), and their mask (B, T), nonzero at real tokens. Rows index and slice like a label tensor."""
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self):
+        if self.features.dim() != 3 or self.mask.shape != self.features.shape[:2]:
+            raise ValueError(f"Captions: need features (B, T, D) and mask (B, T), got {tuple(self.features.shape)} "
+                             f"and {tuple(self.mask.shape)}")
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, rows) -> "Captions":
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return Captions(self.features[rows], self.mask[rows])
+
+    @property
+    def shape(self) -> tuple:
+        """(B,): the batch, as for labels."""
+        return (len(self),)
+
+    def to(self, device) -> "Captions":
+        return Captions(self.features.to(device), self.mask.to(device))
+
+
 class Teacher(abc.ABC):
     """A frozen tokenizer + AR model pair behind the family-agnostic seam (module docstring).
 
@@ -58,7 +91,8 @@ class Teacher(abc.ABC):
     family: str
 
     def __init__(self, tokenizer: torch.nn.Module, model: torch.nn.Module, sampling: TeacherSampling,
-                 num_classes: int, schedule: list[int], codebook: torch.Tensor, files: Optional[dict] = None):
+                 num_classes: int, schedule: list[int], codebook: torch.Tensor, files: Optional[dict] = None,
+                 caption_shape: Optional[tuple[int, int]] = None):
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.model = model.eval().requires_grad_(False)
         self.sampling = sampling
@@ -71,6 +105,8 @@ class Teacher(abc.ABC):
         self.codebook = codebook.detach()
         self.vocab_size, self.token_dim = self.codebook.shape
         self.files = dict(files or {})  # role -> Path of the weights this teacher was loaded from
+        # (T, D) of the Captions a text-to-image teacher takes; None: the condition is a class label
+        self.caption_shape = caption_shape
 
     @property
     def device(self) -> torch.device:
@@ -92,7 +128,7 @@ class Teacher(abc.ABC):
         return self.step_starts.index(length)
 
     # ------------------------------------------------------------------------------ sampling
-    def sample_tokens(self, labels: torch.Tensor, draw: Optional[DrawFn] = None,
+    def sample_tokens(self, cond, draw: Optional[DrawFn] = None,
                       generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
                       num_steps: Optional[int] = None) -> torch.Tensor:
         """Ancestral sampling with the setting's teacher_sampling: int64 tokens (B, L') on the device.
@@ -102,20 +138,20 @@ class Teacher(abc.ABC):
         first whole steps, replayed through the KV cache. num_steps: stop after this many AR steps
         (default all); L' = tokens of those steps, prefix included.
         """
-        labels = self._check_labels(labels)
+        cond = self._check_condition(cond)
         prefix_steps = 0
         if prefix is not None:
-            if prefix.dim() != 2 or prefix.shape[0] != labels.shape[0]:
-                raise ValueError(f"sample_tokens: prefix must be (B={labels.shape[0]}, l), got {tuple(prefix.shape)}")
+            if prefix.dim() != 2 or prefix.shape[0] != len(cond):
+                raise ValueError(f"sample_tokens: prefix must be (B={len(cond)}, l), got {tuple(prefix.shape)}")
             prefix = prefix.to(self.device, torch.long)
             prefix_steps = self.step_of(prefix.shape[1])
         num_steps = self.num_steps if num_steps is None else num_steps
         if not prefix_steps < num_steps <= self.num_steps:
             raise ValueError(f"sample_tokens: need prefix steps ({prefix_steps}) < num_steps ({num_steps}) <= "
                              f"{self.num_steps}")
-        return self._sample(labels, draw, generator, prefix, prefix_steps, num_steps)
+        return self._sample(cond, draw, generator, prefix, prefix_steps, num_steps)
 
-    def next_probs(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def next_probs(self, prefix: torch.Tensor, cond) -> torch.Tensor:
         """The sampling distribution (B, n, V) of the AR step that follows `prefix` (B, l), l a step
         boundary (0 for the first step): exactly the tensor `sample_tokens` draws that step from."""
         seen = {}
@@ -125,15 +161,15 @@ class Teacher(abc.ABC):
             return probs.argmax(dim=-1)
 
         step = self.step_of(prefix.shape[1])
-        self.sample_tokens(labels, draw=capture, prefix=prefix if prefix.shape[1] else None, num_steps=step + 1)
+        self.sample_tokens(cond, draw=capture, prefix=prefix if prefix.shape[1] else None, num_steps=step + 1)
         return seen["probs"]
 
-    def flow_tokens(self, noise: torch.Tensor, labels: torch.Tensor, solver: Optional[dict] = None,
+    def flow_tokens(self, noise: torch.Tensor, cond, solver: Optional[dict] = None,
                     num_steps: Optional[int] = None) -> torch.Tensor:
         """DD's deterministic trajectory endpoint: run the sampler in AR order with every token's draw
         replaced by the flow-matching map of its own noise vector (dd.flow.tokens_from_noise).
 
-        noise (B, L, C) on any device, labels (B,); solver: tokens_from_noise keyword arguments (the
+        noise (B, L, C) on any device, cond (B rows: labels or Captions); solver: tokens_from_noise keyword arguments (the
         setting's flow.solver); num_steps: stop after this many AR steps (default all). Returns the
         token indices (B, L') int64 on the teacher's device.
         """
@@ -150,7 +186,7 @@ class Teacher(abc.ABC):
             index, _ = tokens_from_noise(eps, probs.reshape(batch * n, vocab), self.codebook, **solver)
             return index.view(batch, n)
 
-        return self.sample_tokens(labels, draw=flow_draw, num_steps=num_steps)
+        return self.sample_tokens(cond, draw=flow_draw, num_steps=num_steps)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token indices (B, L) -> codebook vectors (B, L, C): DD's clean data layout."""
@@ -158,7 +194,7 @@ class Teacher(abc.ABC):
 
     # ------------------------------------------------------------------------------ family parts
     @abc.abstractmethod
-    def _sample(self, labels, draw, generator, prefix, prefix_steps, num_steps) -> torch.Tensor:
+    def _sample(self, cond, draw, generator, prefix, prefix_steps, num_steps) -> torch.Tensor:
         """The family's sampler on checked inputs (see sample_tokens)."""
 
     @abc.abstractmethod
@@ -171,6 +207,16 @@ class Teacher(abc.ABC):
         tokenizer's weights are frozen), as DD's perceptual loss needs."""
 
     # ------------------------------------------------------------------------------ checks
+    def _check_condition(self, cond):
+        """Labels or Captions, whichever this teacher takes, on its device; one clear error otherwise."""
+        if self.caption_shape is None:
+            return self._check_labels(cond)
+        if not isinstance(cond, Captions) or tuple(cond.features.shape[1:]) != self.caption_shape:
+            shape = tuple(cond.features.shape) if isinstance(cond, Captions) else getattr(cond, "shape", cond)
+            raise ValueError(f"this text-to-image teacher takes Captions with features (B, {self.caption_shape[0]}, "
+                             f"{self.caption_shape[1]}) and mask (B, {self.caption_shape[0]}), got {shape!r}")
+        return cond.to(self.device)
+
     def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D tensor of class indices, got {getattr(labels, 'shape', labels)!r}")
@@ -219,7 +265,8 @@ class VarTeacher(Teacher):
 
 
 class LlamaGenTeacher(Teacher):
-    """LlamaGen class-conditional GPT (raster order, one token per step) + its VQ tokenizer."""
+    """LlamaGen GPT (raster order, one token per step) + its VQ tokenizer; class labels for a c2i GPT,
+    Captions for a t2i GPT (the null caption of its CaptionEmbedder is the unconditional half of CFG)."""
 
     family = "llamagen"
 
@@ -229,10 +276,12 @@ class LlamaGenTeacher(Teacher):
             raise ValueError(f"LlamaGenTeacher: VQ codebook_size {vq.config.codebook_size} does not match the "
                              f"GPT's vocab_size {c.vocab_size}")
         # The codes the VQ decodes are the l2-normalised rows; the flow map works with the same vectors.
-        super().__init__(vq, model, sampling, c.num_classes, [1] * c.block_size, vq.quantize.codebook(), files)
+        caption_shape = (c.cls_token_num, c.caption_dim) if c.model_type == "t2i" else None
+        super().__init__(vq, model, sampling, c.num_classes, [1] * c.block_size, vq.quantize.codebook(), files,
+                         caption_shape)
         self.grid = c.grid_size
 
-    def _sample(self, labels, draw, generator, prefix, prefix_steps, num_steps):
+    def _sample(self, cond, draw, generator, prefix, prefix_steps, num_steps):
         s = self.sampling
         if prefix is not None and s.cfg_interval != -1:
             # generate() counts cfg_interval from the first new token (the official intermediate_generate
@@ -240,9 +289,10 @@ class LlamaGenTeacher(Teacher):
             raise ValueError(f"LlamaGenTeacher: a prefix with cfg_interval={s.cfg_interval} would change which "
                              f"tokens are guided; use cfg_interval -1 (every setting does) or sample without a prefix")
         hook = None if draw is None else (lambda probs, position: draw(probs[:, None], position)[:, 0])
-        return generate(self.model, labels, num_steps - prefix_steps, cfg_scale=s.cfg, cfg_interval=s.cfg_interval,
-                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=generator,
-                        prefix=prefix, draw=hook)
+        captions = isinstance(cond, Captions)
+        return generate(self.model, cond.features if captions else cond, num_steps - prefix_steps, cfg_scale=s.cfg,
+                        cfg_interval=s.cfg_interval, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        generator=generator, prefix=prefix, draw=hook, caption_mask=cond.mask if captions else None)
 
     def _grid(self, x):
         """(B, L, C) -> (B, C, h, w) in raster order."""

@@ -176,8 +176,10 @@ def test_generate_rejects_bad_requests():
         generate(no_null, torch.tensor([1]), 4, cfg_scale=2.0)
     with pytest.raises(ValueError, match="square"):
         replace(TINY, block_size=15)
-    with pytest.raises(ValueError, match="c2i"):
-        replace(TINY, model_type="t2i")
+    with pytest.raises(ValueError, match="t2i"):
+        replace(TINY, model_type="x2i")
+    with pytest.raises(ValueError, match="one class token"):
+        replace(TINY, cls_token_num=120)
 
 
 def test_train_loss_uses_class_dropout_in_train_mode_only():

@@ -1,12 +1,17 @@
-"""LlamaGen class-conditional GPT (the teacher), key-for-key the official `Transformer` (c2i).
+"""LlamaGen GPT (the teacher), key-for-key the official `Transformer`: class-conditional (c2i) and
+text-to-image (t2i).
 
-A Llama-style decoder over `[class token] + image tokens in raster order`, with a 2D rotary position
-embedding whose class-token row is all zeros. Facts: shared/reference/llamagen-architecture.md
-(sections 1-7). Differences from the official code, all on purpose:
+A Llama-style decoder over `[condition prefix] + image tokens in raster order`, with a 2D rotary position
+embedding whose condition rows are all zeros. The condition prefix is one class token (c2i) or a caption of
+`cls_token_num` (officially 120) projected text-encoder feature vectors (t2i, `CaptionEmbedder`); the
+caption is left-padded and its padded positions are hidden from every query by a caption mask (see
+`condition_attention_mask`). Facts: shared/reference/llamagen-architecture.md (sections 1-7) and
+shared/fixtures/llamagen-t2i/README.md (t2i). Differences from the official code, all on purpose:
   * the KV cache is a per-call object (`new_kv_caches`) instead of buffers attached to the layers, so
     generation leaves no state behind and a later teacher-forced forward just works;
   * the cache holds n_kv_head heads, so grouped-query attention also works in cached generation;
   * `generate(prefix=...)` (the DD repo's `intermediate_generate`) works for any cfg_scale;
+  * the t2i caption mask is an argument of each call, not written into a causal_mask held by the model;
   * the sampling distribution is a separate function (`sampling_probs`) and the draw is a hook, so the
     flow-matching map can replace torch.multinomial.
 """
@@ -39,9 +44,9 @@ class GPTConfig:
     drop_path_rate: float = 0.0
 
     num_classes: int = 1000
-    caption_dim: int = 2048  # t2i only; unused by the c2i model built here
-    class_dropout_prob: float = 0.1  # > 0 also adds the null-class row used by CFG
-    model_type: str = "c2i"
+    caption_dim: int = 2048  # t2i: width of the text-encoder features (flan-t5-xl: 2048)
+    class_dropout_prob: float = 0.1  # c2i: > 0 also adds the null-class row used by CFG; t2i: caption dropout
+    model_type: str = "c2i"  # 'c2i' (class label) or 't2i' (caption features)
 
     vocab_size: int = 16384
     cls_token_num: int = 1
@@ -50,12 +55,15 @@ class GPTConfig:
     max_seq_len: int = 2048  # unused by the official code, kept for config compatibility
 
     def __post_init__(self):
-        if self.model_type != "c2i":
-            raise ValueError(f"GPTConfig.model_type={self.model_type!r}: only class-conditional 'c2i' "
-                             "LlamaGen is implemented; set model_type='c2i'")
-        if self.cls_token_num != 1:
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"GPTConfig.model_type={self.model_type!r}: use 'c2i' (class-conditional) or "
+                             "'t2i' (text-to-image)")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
             raise ValueError(f"GPTConfig.cls_token_num={self.cls_token_num}: a c2i model has exactly one "
                              "class token; set cls_token_num=1")
+        if self.model_type == "t2i" and (self.cls_token_num < 1 or self.caption_dim < 1):
+            raise ValueError(f"GPTConfig: a t2i model needs cls_token_num >= 1 caption positions (officially 120) "
+                             f"and caption_dim >= 1, got {self.cls_token_num} and {self.caption_dim}")
         if self.dim % self.n_head:
             raise ValueError(f"GPTConfig: dim={self.dim} is not divisible by n_head={self.n_head}")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
@@ -90,7 +98,7 @@ class GPTConfig:
 
 # The official factory sizes (GPT_models); everything else stays at the GPTConfig defaults, which are the
 # 256-px ImageNet c2i values (vocab 16384, 1000 classes, block 256). Use dataclasses.replace for 384 px
-# (block_size=576). GPT-1B/7B are the t2i sizes; here they can only be built as c2i models.
+# (block_size=576) or text-to-image (model_type='t2i', cls_token_num=120; GPT-XL is the released t2i size).
 GPT_CONFIGS = {
     "GPT-B": GPTConfig(n_layer=12, n_head=12, dim=768),
     "GPT-L": GPTConfig(n_layer=24, n_head=16, dim=1024),
@@ -217,8 +225,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
 
     def forward(self, x, freqs_cis, cache: Optional[KVCache] = None, start: int = 0, mask=None):
-        """x (B, S, dim) holds sequence positions start..start+S-1. Without a cache (start 0) attention is
-        causal; with one, `mask` (S, cache length) says which cached positions each query sees."""
+        """x (B, S, dim) holds sequence positions start..start+S-1. `mask` (S, keys) or (B, 1, S, keys), True
+        where a query sees a key, says which positions (cached ones included) each query attends to;
+        without one (no cache, start 0) attention is plainly causal."""
         B, S, _ = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv_dim, kv_dim], dim=-1)
@@ -231,7 +240,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=cache is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))
 
@@ -278,6 +287,67 @@ class ClassEmbedding(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
+class CaptionMLP(nn.Module):
+    """Two bias-free Linear layers with a tanh-GELU between them (the official `MLP`, keys fc1/fc2)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features (B, token_num, caption_dim) -> the condition prefix (B, token_num, dim).
+
+    `uncond_embedding` (token_num, caption_dim) is the null caption of classifier-free guidance; it is a
+    buffer saved in the state_dict (the official checkpoints carry it). In train mode a whole caption is
+    replaced by it with probability `dropout_prob`.
+    """
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, token_num: int):
+        super().__init__()
+        self.dropout_prob = dropout_prob
+        self.cap_proj = CaptionMLP(caption_dim, dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
+
+    def null_caption(self, batch: int) -> torch.Tensor:
+        """The null caption for `batch` rows (B, token_num, caption_dim)."""
+        return self.uncond_embedding.expand(batch, -1, -1)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            dropped = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
+            caption = torch.where(dropped[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
+        return self.cap_proj(caption)
+
+
+def condition_embedding(config: GPTConfig, dropout_prob: float, null_row: bool) -> nn.Module:
+    """The official `cls_embedding` of a config: a class table (c2i) or a CaptionEmbedder (t2i)."""
+    if config.model_type == "t2i":
+        return CaptionEmbedder(config.caption_dim, config.dim, dropout_prob, config.cls_token_num)
+    return ClassEmbedding(config.num_classes, config.dim, dropout_prob, null_row=null_row)
+
+
+def condition_attention_mask(caption_mask: Optional[torch.Tensor], queries: torch.Tensor, keys: int):
+    """Which key positions 0..keys-1 each query position (S,) sees: (S, keys), or (B, 1, S, keys) when a
+    caption mask (B, T), nonzero at real caption tokens, is given.
+
+    Causal; with a caption mask the padded caption positions are hidden from every query, except that each
+    position still sees itself (as the official generate and t2i training data do), so no row is empty.
+    """
+    positions = torch.arange(keys, device=queries.device)
+    mask = positions[None] <= queries[:, None]
+    if caption_mask is None:
+        return mask
+    batch, num_caption = caption_mask.shape
+    visible = torch.cat([caption_mask.to(queries.device) != 0,
+                         torch.ones(batch, keys - num_caption, dtype=torch.bool, device=queries.device)], dim=1)
+    return ((mask[None] & visible[:, None]) | (positions[None] == queries[:, None])[None])[:, None]
+
+
 def drop_path_rates(config: GPTConfig) -> list:
     """Stochastic-depth rate per layer, linear from 0 to drop_path_rate (plain Python: works on meta)."""
     return [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
@@ -299,13 +369,19 @@ def init_llamagen_weights(model: nn.Module, std: float):
 # The teacher
 
 class LlamaGenGPT(nn.Module):
-    """LlamaGen c2i GPT; state_dict keys and shapes equal the official checkpoints (c2i_*.pt)."""
+    """LlamaGen GPT; state_dict keys and shapes equal the official checkpoints (c2i_*.pt, t2i_*.pt).
+
+    The condition `cond` is (B,) class labels (c2i) or (B, cls_token_num, caption_dim) caption features
+    (t2i, left-padded: real tokens at the end) with an optional `caption_mask` (B, cls_token_num), nonzero
+    at the real tokens. Sequence positions 0..cls_token_num-1 hold the condition, image token n sits at
+    position cls_token_num + n.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.cls_embedding = ClassEmbedding(config.num_classes, config.dim, config.class_dropout_prob,
-                                            null_row=config.class_dropout_prob > 0)
+        self.cls_embedding = condition_embedding(config, config.class_dropout_prob,
+                                                 null_row=config.class_dropout_prob > 0)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(config, p) for p in drop_path_rates(config))
@@ -324,8 +400,39 @@ class LlamaGenGPT(nn.Module):
     def device(self) -> torch.device:
         return self.output.weight.device
 
-    def _logits(self, idx, cond, caches=None, start: int = 0) -> torch.Tensor:
-        """Embed [class token (if cond)] + tokens idx (if given) at positions start.., run the trunk."""
+    @property
+    def null_class(self) -> bool:
+        """Whether the model has an unconditional input for classifier-free guidance (t2i: always)."""
+        if self.config.model_type == "t2i":
+            return True
+        return self.cls_embedding.embedding_table.num_embeddings > self.config.num_classes
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional input shaped like cond: the null class id (c2i) or the null caption (t2i)."""
+        if self.config.model_type == "t2i":
+            return self.cls_embedding.null_caption(cond.shape[0]).to(cond.dtype)
+        return torch.full_like(cond, self.config.num_classes)
+
+    def check_condition(self, cond: torch.Tensor, caption_mask: Optional[torch.Tensor] = None, batch=None):
+        """cond on the model's device in the dtype its embedder reads; a clear error for a wrong shape."""
+        c = self.config
+        batch = cond.shape[0] if batch is None else batch
+        if c.model_type == "c2i":
+            if cond.dim() != 1 or cond.shape[0] != batch:
+                raise ValueError(f"this c2i model takes cond = (B={batch},) class labels, got shape {tuple(cond.shape)}")
+            if caption_mask is not None:
+                raise ValueError("caption_mask is for t2i models; a c2i model has no caption")
+            return cond.to(self.device, torch.long)
+        if cond.dim() != 3 or cond.shape != (batch, c.cls_token_num, c.caption_dim):
+            raise ValueError(f"this t2i model takes cond = caption features (B={batch}, {c.cls_token_num}, "
+                             f"{c.caption_dim}), left-padded; got shape {tuple(cond.shape)}")
+        if caption_mask is not None and caption_mask.shape != cond.shape[:2]:
+            raise ValueError(f"caption_mask must be (B, {c.cls_token_num}) like the caption, got "
+                             f"{tuple(caption_mask.shape)}")
+        return cond.to(self.device, self.cls_embedding.cap_proj.fc1.weight.dtype)
+
+    def _logits(self, idx, cond, caches=None, start: int = 0, caption_mask=None) -> torch.Tensor:
+        """Embed [condition prefix (if cond)] + tokens idx (if given) at positions start.., run the trunk."""
         parts = []
         if cond is not None:
             parts.append(self.cls_embedding(cond))
@@ -334,49 +441,57 @@ class LlamaGenGPT(nn.Module):
         h = self.tok_dropout(torch.cat(parts, dim=1))
         if start + h.shape[1] > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence positions {start}..{start + h.shape[1] - 1} exceed the model's "
-                             f"1 + block_size = {self.freqs_cis.shape[0]} positions")
+                             f"cls_token_num + block_size = {self.freqs_cis.shape[0]} positions")
         freqs_cis = rope_rows(self, h.device)[start:start + h.shape[1]]
         mask = None
-        if caches is not None:
-            # Attend over the whole fixed-length cache with a mask, as the official code does, so every
-            # step has the same shapes. Measured on an H200 (GPT-B, bf16, batch 8, CFG, 256 tokens):
-            # 2.8 s this way, 18 s when the key length grew by one each step.
-            positions = torch.arange(caches[0].k.shape[2], device=h.device)
-            mask = positions[None] <= torch.arange(start, start + h.shape[1], device=h.device)[:, None]
+        if caches is not None or caption_mask is not None:
+            # With a cache, attend over the whole fixed-length cache with a mask, as the official code does,
+            # so every step has the same shapes. Measured on an H200 (GPT-B, bf16, batch 8, CFG, 256
+            # tokens): 2.8 s this way, 18 s when the key length grew by one each step.
+            keys = h.shape[1] if caches is None else caches[0].k.shape[2]
+            queries = torch.arange(start, start + h.shape[1], device=h.device)
+            mask = condition_attention_mask(caption_mask, queries, keys)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, None if caches is None else caches[i], start, mask)
         return self.output(self.norm(h)).float()
 
-    def forward(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: idx (B, T) image tokens (T <= block_size), cond (B,) labels.
+    def forward(self, idx: torch.Tensor, cond: torch.Tensor, caption_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Teacher forcing: idx (B, T) image tokens (T <= block_size), cond (B,) labels or (B, cls_token_num,
+        caption_dim) caption features, caption_mask (t2i, optional) (B, cls_token_num).
 
-        Returns float32 logits (B, 1 + T, vocab); position p predicts image token p (the class position
-        predicts token 0). Class dropout and the dropouts apply in train mode only, as officially.
+        Returns float32 logits (B, 1 + T, vocab) from the last condition position on; position p predicts
+        image token p (the last condition position predicts token 0). Condition dropout and the dropouts
+        apply in train mode only, as officially.
         """
-        if idx.dim() != 2 or cond.shape != idx.shape[:1]:
-            raise ValueError(f"LlamaGenGPT.forward expects idx (B, T) and cond (B,), got {tuple(idx.shape)} "
-                             f"and {tuple(cond.shape)}")
-        return self._logits(idx, cond)
+        if idx.dim() != 2:
+            raise ValueError(f"LlamaGenGPT.forward expects idx (B, T) image tokens, got {tuple(idx.shape)}")
+        cond = self.check_condition(cond, caption_mask, batch=idx.shape[0])
+        logits = self._logits(idx, cond, caption_mask=caption_mask)
+        return logits[:, self.config.cls_token_num - 1:]
 
-    def train_loss(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Official c2i training loss: feed [class] + idx[:, :-1], mean cross-entropy against all of idx."""
-        logits = self(idx[:, :-1], cond)
+    def train_loss(self, idx: torch.Tensor, cond: torch.Tensor, caption_mask: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """Official training loss: feed [condition] + idx[:, :-1], mean cross-entropy against all of idx."""
+        logits = self(idx[:, :-1], cond, caption_mask)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx.reshape(-1))
 
     def new_kv_caches(self, batch: int, length: int) -> list:
-        """Fresh per-layer caches for `length` sequence positions (class token included)."""
+        """Fresh per-layer caches for `length` sequence positions (condition prefix included)."""
         dtype, device = self.tok_embeddings.weight.dtype, self.device
         return [KVCache(batch, self.config.kv_heads, length, self.config.head_dim, dtype, device)
                 for _ in self.layers]
 
     def next_logits(self, caches: list, start: int, idx: Optional[torch.Tensor] = None,
-                    cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Cached step: feed [class token] + tokens at sequence positions start.. (the class token is
-        position 0, image token n is position n + 1), write them into `caches`, and return the float32
-        logits (B, vocab) of the last fed position, i.e. the distribution of the next image token."""
+                    cond: Optional[torch.Tensor] = None, caption_mask: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+        """Cached step: feed [condition prefix] + tokens at sequence positions start.. (the condition holds
+        positions 0..cls_token_num-1, image token n is position cls_token_num + n), write them into
+        `caches`, and return the float32 logits (B, vocab) of the last fed position, i.e. the distribution
+        of the next image token. A t2i caption_mask must be passed with every step of one cache."""
         if cond is not None and start != 0:
-            raise ValueError("the class token sits at position 0: pass cond only with start=0")
-        return self._logits(idx, cond, caches, start)[:, -1]
+            raise ValueError("the condition starts at position 0: pass cond only with start=0")
+        return self._logits(idx, cond, caches, start, caption_mask)[:, -1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,24 +533,29 @@ def generate(model: LlamaGenGPT, cond: torch.Tensor, max_new_tokens: int, cfg_sc
              cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              generator: Optional[torch.Generator] = None, prefix: Optional[torch.Tensor] = None,
              draw: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
-             return_logits: bool = False):
-    """KV-cached sampling of `max_new_tokens` image tokens for labels cond (B,). Returns int64 tokens
-    (B, t_start + max_new_tokens) on the model's device, where t_start = prefix length (0 without one);
-    with return_logits=True also the float32 CFG-combined logits of every new token (B, max_new, V).
+             return_logits: bool = False, caption_mask: Optional[torch.Tensor] = None):
+    """KV-cached sampling of `max_new_tokens` image tokens for cond: (B,) labels (c2i) or (B, cls_token_num,
+    caption_dim) left-padded caption features (t2i). Returns int64 tokens (B, t_start + max_new_tokens) on
+    the model's device, where t_start = prefix length (0 without one); with return_logits=True also the
+    float32 CFG-combined logits of every new token (B, max_new, V).
 
-    CFG (cfg_scale > 1): the batch runs as [cond; null class], logits = uncond + (cond - uncond) * scale.
+    caption_mask (t2i, the official emb_masks) (B, cls_token_num), nonzero at real caption tokens: padded
+    caption positions are hidden from every query (both CFG halves), see condition_attention_mask.
+    CFG (cfg_scale > 1): the batch runs as [cond; null condition] (the null class, or the null caption
+    `uncond_embedding`), logits = uncond + (cond - uncond) * scale.
     The first new token always uses CFG; the i-th decode step after it (i from 0) uses the conditional
     logits alone when cfg_interval > -1 and i > cfg_interval (the null half is still computed).
-    `prefix` (B, t_start) continues given tokens like the DD repo's intermediate_generate (class token
+    `prefix` (B, t_start) continues given tokens like the DD repo's intermediate_generate (condition
     and prefix are prefilled in one causal pass); unlike it, this also works with cfg_scale <= 1.
     `draw(probs (B, V), position) -> (B,)` replaces the torch.multinomial draw (with `generator`, which
     must live on the model's device); `position` is the image-token index being drawn (0-based).
     Runs in eval mode and restores the previous mode; the caches live only inside this call.
     """
     device = model.device
-    if cond.dim() != 1:
-        raise ValueError(f"generate: cond must be (B,) class labels, got shape {tuple(cond.shape)}")
-    cond = cond.to(device=device, dtype=torch.long)
+    if cond.dim() not in (1, 3):
+        raise ValueError(f"generate: cond must be (B,) class labels or (B, T, caption_dim) caption features, "
+                         f"got shape {tuple(cond.shape)}")
+    cond = model.check_condition(cond, caption_mask)
     batch = cond.shape[0]
     if prefix is None:
         prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -448,24 +568,28 @@ def generate(model: LlamaGenGPT, cond: torch.Tensor, max_new_tokens: int, cfg_sc
                          f"block_size={model.config.block_size}; got {t_start} + {max_new_tokens}")
     use_cfg = cfg_scale > 1.0
     if use_cfg:
-        if model.cls_embedding.embedding_table.num_embeddings <= model.config.num_classes:
+        if not model.null_class:
             raise ValueError("generate: cfg_scale > 1 needs the null-class row, but this model was built "
                              "with class_dropout_prob=0; use cfg_scale=1")
-        cond = torch.cat([cond, torch.full_like(cond, model.config.num_classes)])
+        cond = torch.cat([cond, model.null_condition(cond)])
         prefix = torch.cat([prefix, prefix])
+        if caption_mask is not None:
+            caption_mask = torch.cat([caption_mask, caption_mask])
+    num_cond = model.config.cls_token_num
     draw = draw or _multinomial_draw(generator)
 
     was_training = model.training
     model.eval()
     try:
-        # the last sampled token is never fed back: positions 0 .. t_start + max_new_tokens - 1
-        caches = model.new_kv_caches(cond.shape[0], t_start + max_new_tokens)
-        logits = model.next_logits(caches, 0, idx=prefix, cond=cond)
+        # the last sampled token is never fed back: positions 0 .. num_cond + t_start + max_new_tokens - 2
+        caches = model.new_kv_caches(cond.shape[0], num_cond + t_start + max_new_tokens - 1)
+        logits = model.next_logits(caches, 0, idx=prefix, cond=cond, caption_mask=caption_mask)
         new_tokens, step_logits = [], []
         for i in range(max_new_tokens):
             if i > 0:
-                fed = new_tokens[-1][:, None]
-                logits = model.next_logits(caches, t_start + i, idx=torch.cat([fed, fed]) if use_cfg else fed)
+                fed = new_tokens[-1][:, None]  # image token t_start + i - 1
+                logits = model.next_logits(caches, num_cond + t_start + i - 1,
+                                           idx=torch.cat([fed, fed]) if use_cfg else fed, caption_mask=caption_mask)
             if use_cfg:
                 cond_logits, uncond_logits = logits.chunk(2)
                 guided = i == 0 or cfg_interval <= -1 or i - 1 <= cfg_interval
