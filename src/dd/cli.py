@@ -63,6 +63,25 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from dd.report import run_report
+
+    params = load_params(args.params)
+    settings = args.setting or None
+    tables = tuple(args.table) if args.table else (1, 2, 3)
+    run_report(params, settings, tables=tables, figures=not args.no_figures and not args.table or args.figures,
+               track=not args.no_track)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from dd.plan import print_plan
+
+    params = load_params(args.params)
+    print_plan(params, params.setting(args.setting), gpu=args.gpu)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="accumulate gradients over micro-batches of this size per process (memory only)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("report", help="report stage: reports/table1-3.md/.csv and reports/figures/ from the metrics, "
+                                      "samples and MLflow runs (missing inputs read 'not run')")
+    _common(p, setting=False)
+    p.add_argument("--setting", action="append", help="a setting to report (repeatable; default: pipeline.settings)")
+    p.add_argument("--table", type=int, action="append", choices=[1, 2, 3],
+                   help="write only this table (repeatable; figures then only with --figures)")
+    p.add_argument("--figures", action="store_true", help="write the figures (the default without --table)")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--no-track", action="store_true", help="do not log the report to MLflow")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="estimated cost of each stage of a setting (GPU-hours; sources named)")
+    _common(p)
+    p.add_argument("--gpu", default="A800", help="GPU the estimate is for (the paper's costs are 8xA800)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
