@@ -56,7 +56,9 @@ def test_tables_put_ours_beside_the_paper_and_mark_missing_inputs(project):
     _metrics(project, "toy-var", "teacher", fid=4.0, latency_s=0.02, steps=4, class_accuracy=0.98)
     _metrics(project, "toy-var", "dd-1step", fid=10.0, latency_s=0.004, class_accuracy=0.95, params=1234567)
     _metrics(project, "var-d16", "dd-1step", fid=10.5, latency_s=0.03, steps=1)
-    report.run_report(params, ["toy-var", "var-d16"], figures=False, track=False)
+    for name in ("toy-var", "var-d16"):
+        report.run_setting_report(params, params.setting(name), track=False)
+    report.run_report(params, ["toy-var", "var-d16"], figures=False)
 
     rows = _rows(project / "reports" / "table1.csv")
     toy = rows[("toy-var", "dd-1step")]
@@ -95,15 +97,18 @@ def test_a_broken_metrics_file_is_one_clear_error(project, capsys):
     path = project / "results" / "toy-var" / "metrics" / "teacher.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    code = cli.main(["report", "--params", str(project / "params.yaml"), "--setting", "toy-var", "--no-figures",
-                     "--no-track"])
+    params_file = str(project / "params.yaml")
+    code = cli.main(["report-setting", "--params", params_file, "--setting", "toy-var", "--no-track"])
     assert code == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert str(path) in err and "dd evaluate --setting toy-var" in err
+    assert not (project / "reports" / "settings" / "toy-var").exists()  # nothing that looks finished
     _metrics(project, "toy-var", "teacher", fid=float("inf"))
-    assert cli.main(["report", "--params", str(project / "params.yaml"), "--setting", "toy-var", "--no-figures",
-                     "--no-track"]) == cli.EXIT_FAILED
-    assert cli.main(["report", "--params", str(project / "params.yaml"), "--setting", "nope"]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["report-setting", "--params", params_file, "--setting", "toy-var", "--no-track"]) == 1
+    # the tables need the per-setting step first
+    assert cli.main(["report", "--params", params_file, "--setting", "toy-var"]) == cli.EXIT_FAILED
+    assert "dd report-setting --setting toy-var" in capsys.readouterr().err
+    assert cli.main(["report", "--params", params_file, "--setting", "nope"]) == cli.EXIT_BAD_INPUT
 
 
 def test_figures_from_samples_and_mlflow(project):
@@ -129,9 +134,11 @@ def test_figures_from_samples_and_mlflow(project):
     assert experiment_name(params, setting) == "distilled-decoding/toy-var"
     assert report.distill_history(params, params.setting("toy-llamagen")) is None
 
-    written = report.run_report(params, ["toy-var"], track=True)
+    report.run_setting_report(params, setting, track=True)
+    assert cli.main(["report", "--params", str(project / "params.yaml"), "--setting", "toy-var",
+                     "--only", "figures"]) == 0
+    assert not (project / "reports" / "table1.md").exists()
     for path in report.figure_paths(params, ["toy-var"]):
-        assert path in written
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 200
 
@@ -147,6 +154,7 @@ def test_figures_from_samples_and_mlflow(project):
     runs = mlflow.search_runs(experiment_names=[experiment_name(params, setting)],
                               filter_string="tags.stage = 'report'")
     assert len(runs) == 1
+    assert runs["metrics.report.methods_evaluated"].iloc[0] == 2
 
 
 @pytest.mark.skipif(not PAPER_MD.is_file(), reason="reference/dd-paper.md is outside this checkout")

@@ -63,14 +63,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_report_setting(args) -> int:
+    from dd.report import run_setting_report
+
+    params = load_params(args.params)
+    run_setting_report(params, params.setting(args.setting), track=not args.no_track)
+    return 0
+
+
 def cmd_report(args) -> int:
     from dd.report import run_report
 
     params = load_params(args.params)
-    settings = args.setting or None
-    tables = tuple(args.table) if args.table else (1, 2, 3)
-    run_report(params, settings, tables=tables, figures=not args.no_figures and not args.table or args.figures,
-               track=not args.no_track)
+    run_report(params, args.setting or None, tables=() if args.only == "figures" else (1, 2, 3),
+               figures=args.only != "tables")
     return 0
 
 
@@ -112,15 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accumulate gradients over micro-batches of this size per process (memory only)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("report", help="report stage: reports/table1-3.md/.csv and reports/figures/ from the metrics, "
-                                      "samples and MLflow runs (missing inputs read 'not run')")
+    p = sub.add_parser("report-setting", help="report stage, per setting: collect its metrics, draw its sample grid "
+                                              "and training curves -> reports/settings/<setting>/")
+    _common(p)
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_report_setting)
+
+    p = sub.add_parser("report", help="report stage: reports/table1-3.md/.csv and reports/figures/fid_vs_latency.png "
+                                      "from the per-setting reports (missing inputs read 'not run')")
     _common(p, setting=False)
     p.add_argument("--setting", action="append", help="a setting to report (repeatable; default: pipeline.settings)")
-    p.add_argument("--table", type=int, action="append", choices=[1, 2, 3],
-                   help="write only this table (repeatable; figures then only with --figures)")
-    p.add_argument("--figures", action="store_true", help="write the figures (the default without --table)")
-    p.add_argument("--no-figures", action="store_true", help="tables only")
-    p.add_argument("--no-track", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--only", choices=["tables", "figures"], help="write only the tables or only the figure")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plan", help="estimated cost of each stage of a setting (GPU-hours; sources named)")

@@ -5,13 +5,16 @@ Inputs (what the earlier stages leave behind; reference/dd-paper.md §3 for the 
     results/<setting>/samples/<method>/         the sample stage (manifest.json + safetensors shards)
     the MLflow run `<setting>/distill`          training curves (loss terms per logged step)
     reports/paper_numbers.csv                   the paper's Tables 1-3, transcribed by hand (committed)
-Outputs (reports/):
-    table1.md/.csv   teachers, skip-n, onestep*, DD 1/2-step (class-conditional settings)
-    table2.md/.csv   teacher-involved rows (pre-trained-n-m)
-    table3.md/.csv   text-to-image settings (when one is in scope)
-    figures/fid_vs_latency.png       the paper's Fig. 3: every method a point, FID against seconds per image (log x)
-    figures/samples_<setting>.png    the same noise (same sample index) through teacher / dd-2step / dd-1step
-    figures/training_<setting>.png   the distill stage's loss curves read back from MLflow
+Two steps, so that each workflow job has a fixed set of inputs (DVC cannot list a variable number of deps):
+    `dd report-setting --setting S` -> reports/settings/S/
+        metrics.json   every method's metrics (null = not run), collected from results/S/metrics/
+        samples.png    the same noise (same sample index) through teacher / dd-2step / dd-1step (Appendix F)
+        training.png   the distill stage's loss curves read back from MLflow
+    `dd report` (tables) and `dd report --only figures` -> reports/
+        table1.md/.csv   teachers, skip-n, onestep*, DD 1/2-step (class-conditional settings)
+        table2.md/.csv   teacher-involved rows (pre-trained-n-m)
+        table3.md/.csv   text-to-image settings (only when one is in scope)
+        figures/fid_vs_latency.png   the paper's Fig. 3: every method a point, FID against seconds per image (log x)
 
 An input that was not produced reads "not run" in every table and figure, never a number; a value the evaluate
 stage did not measure (null in its file) reads "–". The toy settings have no paper row of their own: they are
@@ -48,29 +51,11 @@ class ReportError(StageError):
 # --------------------------------------------------------------------------------------------------
 # Methods and tables
 # --------------------------------------------------------------------------------------------------
-def _fallback_methods(setting: Setting) -> list[str]:
-    """Method names when the sample stage's `all_methods` is not importable: the paper's skip-n for paper rows,
-    skip of the last unit for the toy settings; the rest from dd.sampling.methods_for."""
-    from dd.sampling import methods_for
-
-    if setting.paper_row:
-        skips = ["skip-1", "skip-2"] if setting.family == "var" else ["skip-106", "skip-156"]
-    else:
-        skips = ["skip-1"]
-    dd_methods = list(methods_for(setting.name, setting.distill.t_list, setting.distill.split))
-    return ["teacher", *skips, "onestep", *dd_methods]
-
-
 def setting_methods(setting: Setting) -> list[str]:
-    """Every sampling method of a setting, in table order (the sample stage owns the list)."""
-    try:
-        from dd.sampling import all_methods
-    except ImportError:
-        try:
-            from dd.sample_stage import all_methods
-        except ImportError:
-            return _fallback_methods(setting)
-    return list(all_methods(setting))
+    """Every sampling method of a setting, in table order (dd.methods owns the list)."""
+    from dd.methods import method_names
+
+    return method_names(setting)
 
 
 def table_of(setting: Setting, method: str) -> int:
@@ -175,17 +160,19 @@ def _paper_row(paper, setting: Setting, method: str, table: int):
     return None
 
 
-def table_rows(params: Params, settings: list[str], table: int, paper=None) -> list[dict]:
+def table_rows(params: Params, settings: list[str], table: int, paper=None, lookup=None) -> list[dict]:
     """One dict per (setting, method): our numbers (None = not measured, NOT_RUN = no metrics file), the
-    paper's (strings, '' = not reported) and the ratios to the setting's own teacher."""
+    paper's (strings, '' = not reported) and the ratios to the setting's own teacher. lookup(setting, method) ->
+    metrics dict or None (default: the evaluate stage's files)."""
     paper = load_paper_numbers() if paper is None else paper
+    read = (lambda s, m: read_metrics(params, s, m)) if lookup is None else lookup
     rows = []
     for name in settings:
         setting = params.setting(name)
-        teacher = read_metrics(params, name, "teacher")
+        teacher = read(name, "teacher")
         teacher_paper = _paper_row(paper, setting, "teacher", table)
         for method in table_methods(setting, table):
-            metrics = read_metrics(params, name, method)
+            metrics = read(name, method)
             row = {"setting": name, "kind": "paper" if setting.paper_row else "toy", "method": method}
             p = _paper_row(paper, setting, method, table)
             row["paper_model"] = "" if p is None else (p["model"] if setting.paper_row else f"{p['model']} ({p['setting']})")
@@ -279,10 +266,10 @@ CSV_COLUMNS = ["setting", "kind", "method", "paper_model", *OURS, *(f"paper_{k}"
                "fid_ratio", "paper_fid_ratio", "speedup", "paper_speedup", *TOY_EXTRA]
 
 
-def write_table(params: Params, settings: list[str], table: int, out_dir: Path, paper=None) -> list[dict]:
+def write_table(params: Params, settings: list[str], table: int, out_dir: Path, paper=None, lookup=None) -> list[dict]:
     from dd.atomic import atomic_file
 
-    rows = table_rows(params, settings, table, paper)
+    rows = table_rows(params, settings, table, paper, lookup)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_dir / f"table{table}.md") as tmp:
         tmp.write_text(table_markdown(rows, table))
@@ -346,15 +333,16 @@ def _scatter(ax, points, title, missing):
         ax.text(0.5, 0.5, NOT_RUN, transform=ax.transAxes, ha="center", fontsize=14, color="gray")
 
 
-def fid_latency_figure(params: Params, settings: list[str], out: Path, paper=None) -> Path:
+def fid_latency_figure(params: Params, settings: list[str], out: Path, paper=None, lookup=None) -> Path:
     """Fig. 3: one panel per setting in scope (our points) and one per paper row with latencies (the paper's)."""
     paper = load_paper_numbers() if paper is None else paper
+    read = (lambda s, m: read_metrics(params, s, m)) if lookup is None else lookup
     panels = []
     for name in settings:
         setting = params.setting(name)
         points, missing = [], []
         for method in setting_methods(setting):
-            m = read_metrics(params, name, method)
+            m = read(name, method)
             if m is None or m.get("fid") is None or m.get("latency_s") is None:
                 missing.append(method if m is None else f"{method} (no FID/latency)")
             else:
@@ -511,21 +499,64 @@ def training_figure(params: Params, setting: str, out: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# The stage
+# The stages: one per setting (collect its numbers, draw its pictures), then the tables over all settings
 # --------------------------------------------------------------------------------------------------
+def setting_report_dir(params: Params, setting: str) -> Path:
+    """reports/settings/<setting>/: the per-setting stage's output (metrics.json, samples.png, training.png)."""
+    return reports_dir(params) / "settings" / setting
+
+
 def figure_paths(params: Params, settings: list[str]) -> list[Path]:
-    figures = reports_dir(params) / "figures"
-    return [figures / "fid_vs_latency.png",
-            *(figures / f"samples_{s}.png" for s in settings),
-            *(figures / f"training_{s}.png" for s in settings)]
+    return [reports_dir(params) / "figures" / "fid_vs_latency.png",
+            *(setting_report_dir(params, s) / name for s in settings for name in ("samples.png", "training.png"))]
 
 
-def run_report(params: Params, settings: list[str] | None = None, tables=(1, 2, 3), figures: bool = True,
-               track: bool = True) -> list[Path]:
-    """Write the tables (only those with rows in scope, always 1 and 2) and the figures; returns the files."""
+def run_setting_report(params: Params, setting: Setting, track: bool = True) -> Path:
+    """Collect a setting's metrics (null for a method not run) and draw its sample grid and training curves."""
+    from dd.atomic import atomic_dir
+
+    methods = setting_methods(setting)
+    collected = {m: read_metrics(params, setting.name, m) for m in methods}
+    final = setting_report_dir(params, setting.name)
+    with atomic_dir(final) as out:
+        (out / "metrics.json").write_text(json.dumps(
+            {"setting": setting.name, "methods": methods, "metrics": collected}, indent=2, sort_keys=True) + "\n")
+        sample_grid_figure(params, setting.name, out / "samples.png")
+        training_figure(params, setting.name, out / "training.png")
+    not_run = [m for m, v in collected.items() if v is None]
+    print(f"[report] {setting.name}: {len(methods) - len(not_run)}/{len(methods)} methods evaluated"
+          + (f" (not run: {', '.join(not_run)})" if not_run else "") + f" -> {final}", flush=True)
+    if track:
+        from dd.tracking import stage_run
+
+        with stage_run(params, setting, "report", {"report.methods": ",".join(methods)}) as mlflow:
+            mlflow.log_metrics({"report.methods_evaluated": len(methods) - len(not_run),
+                                "report.methods_not_run": len(not_run)})
+            for name in ("samples.png", "training.png", "metrics.json"):
+                mlflow.log_artifact(str(final / name), artifact_path="report")
+    return final
+
+
+def collected_metrics(params: Params, settings: list[str]):
+    """lookup(setting, method) over the per-setting stage's files; a setting without one is an error."""
+    data = {}
+    for name in settings:
+        path = setting_report_dir(params, name) / "metrics.json"
+        try:
+            data[name] = json.loads(path.read_text())["metrics"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ReportError(f"{path}: missing or unreadable ({err}); run `python -m dd report-setting --setting "
+                              f"{name}` first (snakemake/dvc run it as the report_setting stage)") from err
+    return lambda setting, method: data[setting].get(method)
+
+
+def run_report(params: Params, settings: list[str] | None = None, tables=(1, 2, 3), figures: bool = True) -> list[Path]:
+    """Write the tables (1 and 2 always, 3 when a text-to-image setting is in scope) and Fig. 3 from the
+    per-setting reports; returns the files written."""
     settings = list(params.pipeline.settings) if settings is None else settings
     for name in settings:
         params.setting(name)  # an unknown name is one clear ConfigError
+    lookup = collected_metrics(params, settings)
     paper = load_paper_numbers()
     out_dir = reports_dir(params)
     written = []
@@ -533,30 +564,13 @@ def run_report(params: Params, settings: list[str] | None = None, tables=(1, 2, 
         in_scope = table_settings(params, settings, table)
         if table == 3 and not in_scope:
             continue
-        rows = write_table(params, in_scope, table, out_dir, paper)
+        rows = write_table(params, in_scope, table, out_dir, paper, lookup)
         written += [out_dir / f"table{table}.md", out_dir / f"table{table}.csv"]
         not_run = sum(1 for r in rows if r["fid"] == NOT_RUN)
         print(f"[report] table {table}: {len(rows)} rows over {len(in_scope)} setting(s), {not_run} not run "
               f"-> {out_dir / f'table{table}.md'}", flush=True)
     if figures:
-        figures_dir = out_dir / "figures"
-        written.append(fid_latency_figure(params, settings, figures_dir / "fid_vs_latency.png", paper))
-        for name in settings:
-            written.append(sample_grid_figure(params, name, figures_dir / f"samples_{name}.png"))
-            written.append(training_figure(params, name, figures_dir / f"training_{name}.png"))
-        print(f"[report] figures -> {figures_dir}", flush=True)
-    if track:
-        _track(params, settings, written)
+        written.append(fid_latency_figure(params, settings, out_dir / "figures" / "fid_vs_latency.png", paper,
+                                          lookup))
+        print(f"[report] figure -> {written[-1]}", flush=True)
     return written
-
-
-def _track(params: Params, settings: list[str], written: list[Path]) -> None:
-    """One `<setting>/report` run per setting: its rows' files and its pictures as artifacts."""
-    from dd.tracking import stage_run
-
-    shared = [p for p in written if p.suffix in (".md", ".csv") or p.name == "fid_vs_latency.png"]
-    for name in settings:
-        own = [p for p in written if p.stem.endswith(f"_{name}")]
-        with stage_run(params, params.setting(name), "report", {"report.settings": ",".join(settings)}) as mlflow:
-            for path in shared + own:
-                mlflow.log_artifact(str(path), artifact_path="report")
