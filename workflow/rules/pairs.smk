@@ -4,6 +4,7 @@
 rule pairs:
     input:
         "results/{setting}/teacher",
+        code=CODE["pairs"],
     output:
         directory("results/{setting}/pairs"),
     params:

@@ -1,5 +1,7 @@
 # Teacher stage: download the official checkpoints (paper rows) or train the toy teacher.
 rule teacher:
+    input:
+        code=CODE["teacher"],
     output:
         directory("results/{setting}/teacher"),
     params:
