@@ -88,6 +88,49 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def apply_threads(params) -> int:
+    """torch CPU threads of a stage, the same under Snakemake and DVC: DD_NUM_THREADS, else pipeline.num_threads,
+    else OMP_NUM_THREADS, else every core this process may use. Returns the count set."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get("DD_NUM_THREADS") or params.pipeline.num_threads or os.environ.get("OMP_NUM_THREADS")
+    try:
+        threads = int(wanted) if wanted else len(os.sched_getaffinity(0))
+    except ValueError:
+        raise ConfigError(f"DD_NUM_THREADS / OMP_NUM_THREADS must be a whole number, got {wanted!r}") from None
+    if threads < 1:
+        raise ConfigError(f"the thread count must be >= 1, got {threads} (DD_NUM_THREADS, pipeline.num_threads or "
+                          f"OMP_NUM_THREADS)")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cmd_sample(args) -> int:
+    from dd.sample_stage import run_sample_stage
+
+    params = load_params(args.params)
+    setting = params.setting(args.setting)
+    apply_threads(params)
+    run_sample_stage(params, setting, args.method, device=args.device)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from dd.methods import all_methods, sample_jobs
+
+    params = load_params(args.params)
+    if args.yaml:
+        for key, job in sample_jobs(params).items():
+            print(f"    {key}: {{setting: {job['setting']}, method: {job['method']}}}")
+        return 0
+    names = [args.setting] if args.setting else list(params.settings)
+    for name in names:
+        print(f"{name}: {' '.join(all_methods(params.setting(name)))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="accumulate gradients over micro-batches of this size per process (memory only)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sample", help="sample stage: N images of one method as uint8 shards + manifest (resumable)")
+    _common(p)
+    p.add_argument("--method", required=True, help="teacher, skip-<n>, onestep, dd-1step, dd-2step, pre-trained-n-m "
+                                                   "(`dd methods` lists a setting's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("methods", help="list every sampling method of each setting, in table order")
+    _common(p, setting=False)
+    p.add_argument("--setting", default=None, help="one setting (default: all)")
+    p.add_argument("--yaml", action="store_true", help="print the pipeline.methods block params.yaml needs for DVC")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("report-setting", help="report stage, per setting: collect its metrics, draw its sample grid "
                                               "and training curves -> reports/settings/<setting>/")
