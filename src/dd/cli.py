@@ -117,6 +117,22 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from dd.latency import run_bench
+
+    params = load_params(args.params)
+    setting = params.setting(args.setting)
+    apply_threads(params)
+    rows = run_bench(params, setting, methods=args.method or None, device=args.device, repeats=args.repeats,
+                     warmup=args.warmup, batch_size=args.batch_size, random_weights=args.random_weights)
+    if args.json:
+        from dd.atomic import write_json
+
+        write_json(args.json, rows)
+        print(f"[bench] -> {args.json}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from dd.methods import all_methods, sample_jobs
 
@@ -167,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(`dd methods` lists a setting's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="latency (s/image, steady state) of the teacher and the DD rows, with speed-ups")
+    _common(p)
+    p.add_argument("--method", action="append", help="time this method (repeatable; default: teacher + DD rows)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches (median reported; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the setting's sample.batch_size")
+    p.add_argument("--random-weights", action="store_true",
+                   help="time the architectures with random weights (automatic when nothing is trained)")
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list every sampling method of each setting, in table order")
     _common(p, setting=False)
