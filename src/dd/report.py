@@ -557,8 +557,9 @@ def run_report(params: Params, settings: list[str] | None = None, tables=(1, 2, 
     for name in settings:
         params.setting(name)  # an unknown name is one clear ConfigError
     lookup = collected_metrics(params, settings)
-    paper = load_paper_numbers()
     out_dir = reports_dir(params)
+    paper = load_paper_numbers(out_dir / "paper_numbers.csv" if (out_dir / "paper_numbers.csv").is_file()
+                               else PAPER_NUMBERS)
     written = []
     for table in tables:
         in_scope = table_settings(params, settings, table)
