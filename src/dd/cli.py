@@ -88,6 +88,10 @@ def cmd_plan(args) -> int:
     return 0
 
 
+# the commands that compute: their torch thread count comes from apply_threads, the same under Snakemake and DVC
+THREADED_COMMANDS = ("teacher", "pairs", "distill", "sample", "bench", "evaluate")
+
+
 def apply_threads(params) -> int:
     """torch CPU threads of a stage, the same under Snakemake and DVC: DD_NUM_THREADS, else pipeline.num_threads,
     else OMP_NUM_THREADS, else every core this process may use. Returns the count set."""
@@ -112,7 +116,6 @@ def cmd_sample(args) -> int:
 
     params = load_params(args.params)
     setting = params.setting(args.setting)
-    apply_threads(params)
     run_sample_stage(params, setting, args.method, device=args.device)
     return 0
 
@@ -122,7 +125,6 @@ def cmd_bench(args) -> int:
 
     params = load_params(args.params)
     setting = params.setting(args.setting)
-    apply_threads(params)
     rows = run_bench(params, setting, methods=args.method or None, device=args.device, repeats=args.repeats,
                      warmup=args.warmup, batch_size=args.batch_size, random_weights=args.random_weights)
     if args.json:
@@ -136,10 +138,10 @@ def cmd_bench(args) -> int:
 def cmd_methods(args) -> int:
     from dd.methods import all_methods, sample_jobs
 
-    params = load_params(args.params)
+    params = load_params(args.params, check_methods=False)
     if args.yaml:
         for key, job in sample_jobs(params).items():
-            print(f"    {key}: {{setting: {job['setting']}, method: {job['method']}}}")
+            print(f"    {key}: {{setting: {job['setting']}, method: {job['method']}, upstream: {job['upstream']}}}")
         return 0
     names = [args.setting] if args.setting else list(params.settings)
     for name in names:
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in THREADED_COMMANDS:
+            apply_threads(load_params(args.params))
         return args.func(args)
     except ConfigError as err:
         print(f"dd: error: {err}", file=sys.stderr)

@@ -308,8 +308,9 @@ def _validate_sample(s: Setting, file: Path):
                           f"not set (no released DD checkpoint); use 'distilled'")
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Load and validate a params file. Raises ConfigError (one line) on any problem."""
+def load_params(path: Path | str = "params.yaml", check_methods: bool = True) -> Params:
+    """Load and validate a params file. Raises ConfigError (one line) on any problem. check_methods=False skips the
+    pipeline.methods check (`dd methods --yaml` prints its replacement)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: params file not found (pass --params PATH, default ./params.yaml)")
@@ -345,7 +346,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     params = Params(path=file, tracking=tracking, pipeline=pipeline, settings=settings)
     if pipeline.num_threads < 0:
         raise ConfigError(f"{file}: key 'pipeline.num_threads' must be >= 0 (0 = every core)")
-    if pipeline.methods is not None:
+    if pipeline.methods is not None and check_methods:
         from dd.methods import sample_jobs
 
         want = sample_jobs(params)

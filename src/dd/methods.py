@@ -158,11 +158,29 @@ def method_names(setting) -> list[str]:
     return list(all_methods(setting))
 
 
+def upstream(setting, method_name: str) -> str:
+    """The stage folder a method reads besides the teacher's (results/<setting>/...): "teacher" (the teacher,
+    skip-n, and DD rows from the released checkpoint the teacher stage links), "pairs" (onestep) or "student"
+    (DD rows from the distill stage). The one per-method input of the sample / evaluate jobs under both tools."""
+    method = all_methods(setting)[method_name]
+    if method.kind == "onestep":
+        return "pairs"
+    if method.needs_student and setting.sample.student_source(setting.teacher.dd_artifact) == "distilled":
+        return "student"
+    return "teacher"
+
+
 def sample_jobs(params, settings=None) -> dict[str, dict]:
-    """{"<setting>_<method>": {"setting": ..., "method": ...}} for the given settings (default: the pipeline's):
+    """{"<setting>_<method>": {"setting", "method", "upstream"}} for the given settings (default: the pipeline's):
     the list params.yaml spells out for dvc.yaml (`pipeline.methods`), which cannot derive it."""
     names = params.pipeline.settings if settings is None else settings
-    return {job_key(s, m): {"setting": s, "method": m} for s in names for m in method_names(params.setting(s))}
+    jobs = {}
+    for name in names:
+        setting = params.setting(name)
+        for method in method_names(setting):
+            jobs[job_key(name, method)] = {"setting": name, "method": method,
+                                           "upstream": f"results/{name}/{upstream(setting, method)}"}
+    return jobs
 
 
 def job_key(setting: str, method: str) -> str:

@@ -28,4 +28,4 @@ rule distill:
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"
+        "{params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"

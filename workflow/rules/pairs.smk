@@ -15,4 +15,4 @@ rule pairs:
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {DD} pairs --setting {wildcards.setting} 2>&1 | tee {log}"
+        "{DD} pairs --setting {wildcards.setting} 2>&1 | tee {log}"
