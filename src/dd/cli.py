@@ -48,10 +48,17 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_pairs(args) -> int:
-    from dd.pairs import run_pairs_stage
+    from dd.pairs import merge_pairs, parse_shards, run_pairs_stage
 
     params = load_params(args.params)
-    run_pairs_stage(params, params.setting(args.setting), device=args.device)
+    setting = params.setting(args.setting)
+    if args.merge and args.shards:
+        raise ConfigError("dd pairs: give --shards (make one range) or --merge (join the ranges), not both")
+    if args.merge:
+        merge_pairs(params, setting)
+    else:
+        run_pairs_stage(params, setting, device=args.device,
+                        shards=None if args.shards is None else parse_shards(args.shards))
     return 0
 
 
@@ -169,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pairs", help="pairs stage: noise -> token trajectories of the teacher (resumable)")
     _common(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--shards", default=None, metavar="START:STOP",
+                   help="make only shards START..STOP-1 into results/<setting>/pairs.parts/ (one of N independent jobs)")
+    p.add_argument("--merge", action="store_true", help="join the finished shard ranges into results/<setting>/pairs")
     p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("distill", help="distill stage: train the DD student on the pairs (resumable; multi-GPU: "
