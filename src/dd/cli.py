@@ -156,6 +156,23 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from dd.evaluate import run_evaluate_stage
+
+    params = load_params(args.params)
+    run_evaluate_stage(params, params.setting(args.setting), args.method, device=args.device,
+                       latency=not args.no_latency)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from dd.evaluate import run_summary
+
+    params = load_params(args.params)
+    run_summary(params, params.setting(args.setting))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", default=None, help="one setting (default: all)")
     p.add_argument("--yaml", action="store_true", help="print the pipeline.methods block params.yaml needs for DVC")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("evaluate", help="evaluate stage: FID / IS or class accuracy / precision / recall / latency of "
+                                        "one method's samples -> results/<setting>/metrics/<method>.json")
+    _common(p)
+    p.add_argument("--method", required=True, help="a method of the setting (`dd methods`)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement (latency_s: null)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("summary", help="print (and log to MLflow) the table of every method of a setting from its "
+                                       "metrics files ('not run' where missing)")
+    _common(p)
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("report-setting", help="report stage, per setting: collect its metrics, draw its sample grid "
                                               "and training curves -> reports/settings/<setting>/")
