@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dd import hub, sampling
+from dd.cli import main
 from dd.config import ConfigError, load_params
 from dd.distill import STUDENT_FILE, load_student, new_student, student_constructor
 from dd.errors import StageError
@@ -206,7 +207,7 @@ def test_onestep_stage_reads_the_pairs(tmp_path, mlflow_db):
     assert read_samples(folder)[0].shape == (10, 8, 8, 3)
 
 
-def test_unknown_method_and_damaged_samples_give_one_clear_error(tmp_path, mlflow_db):
+def test_unknown_method_and_damaged_samples_give_one_clear_error(tmp_path, mlflow_db, capsys):
     params = project(tmp_path, settings=("toy-llamagen",))
     setting = params.setting("toy-llamagen")
     with pytest.raises(ConfigError, match="no sampling method 'skip-3'.*skip-6"):
@@ -224,9 +225,8 @@ def test_unknown_method_and_damaged_samples_give_one_clear_error(tmp_path, mlflo
     with pytest.raises(StageError, match="no manifest.json"):
         read_samples(folder.with_name("teacher"))
     # the CLI: bad input is exit code 2 with one line
-    proc = subprocess.run([sys.executable, "-m", "dd", "sample", "--setting", "toy-llamagen", "--method", "nope"],
-                          cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, DD_NUM_THREADS="1"))
-    assert proc.returncode == 2 and "no sampling method 'nope'" in proc.stderr
+    code = main(["sample", "--params", str(tmp_path / "params.yaml"), "--setting", "toy-llamagen", "--method", "nope"])
+    assert code == 2 and "no sampling method 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
