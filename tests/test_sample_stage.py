@@ -4,6 +4,7 @@ shards that hold exactly what the samplers make (index offsets across shards), v
 that resumes to the same bytes as an uninterrupted one. Tiny random teachers (tests/tiny_teacher.py)."""
 import dd  # noqa: F401  (torchvision shim first)
 
+import dataclasses
 import json
 import os
 import signal
@@ -262,3 +263,30 @@ def test_cli_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, mlflow_db
     reference = run_sample_stage(reference_params, reference_params.setting("toy-llamagen"), "teacher", device="cpu")
     assert folder_bytes(samples / "teacher") == folder_bytes(reference)
     assert hub.sha256_of(samples / "teacher" / "manifest.json") == hub.sha256_of(reference / "manifest.json")
+
+
+@pytest.mark.parametrize("name,layout", [("toy-var", "dd_var"), ("toy-llamagen", "dd_llamagen")])
+def test_released_dd_checkpoint_is_loaded_strictly_in_its_official_layout(tmp_path, name, layout):
+    """sample.student: released reads the checkpoint the teacher stage linked (teacher.json role "dd") in the
+    official training-dict layout; it gives the same images as the same weights from results/<S>/student, and a
+    checkpoint that does not fit the architecture is one clear error."""
+    params = project(tmp_path, settings=(name,))
+    setting = params.setting(name)
+    teacher_dir = tmp_path / "results" / name / "teacher"
+    teacher = load_teacher(setting, teacher_dir)
+    state = load_student(tmp_path / "results" / name / "student", teacher).state_dict()
+    wrapped = {"trainer": {"ema_parameters": state}} if layout == "dd_var" else {"ema": state}
+    torch.save(wrapped, teacher_dir / "released.pth")
+    info = json.loads((teacher_dir / "teacher.json").read_text())
+    info["files"]["dd"] = {"artifact": "test", "file": "released.pth", "load_layout": layout}
+    (teacher_dir / "teacher.json").write_text(json.dumps(info))
+    released = dataclasses.replace(setting, teacher=dataclasses.replace(setting.teacher, dd_artifact="test"),
+                                   sample=dataclasses.replace(setting.sample, student="released"))
+    labels = balanced_labels(4, setting.num_classes, 0)
+    from_release = build_sampler(params, released, "dd-2step", "cpu")
+    assert from_release.source == "released-dd" and from_release.files["student"].name == "released.pth"
+    assert torch.equal(from_release.images(labels, 0), build_sampler(params, setting, "dd-2step", "cpu").images(labels, 0))
+    state.pop(next(iter(state)))
+    torch.save({"trainer": {"ema_parameters": state}} if layout == "dd_var" else {"ema": state}, teacher_dir / "released.pth")
+    with pytest.raises(StageError, match="released.pth: does not fit"):
+        build_sampler(params, released, "dd-1step", "cpu")
