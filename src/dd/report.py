@@ -252,6 +252,10 @@ def table_markdown(rows: list[dict], table: int) -> str:
         for name in dict.fromkeys(r["setting"] for r in rows if r["kind"] == kind):
             lines += [f"## {name}" + (" (toy: ratios to its own teacher; the paper's ratios of the analogue row)"
                                       if kind == "toy" else ""), ""]
+            if kind == "toy":
+                floors = [r["fid_floor"] for r in rows if r["setting"] == name and isinstance(r["fid_floor"], float)]
+                lines += [f"Judge FID floor (real training digits against real test digits, the same judge): "
+                          f"{_cell(floors[0]) if floors else NOT_RUN}.", ""]
             lines.append("| " + " | ".join(title for title, _ in columns) + " |")
             lines.append("|" + "---|" * len(columns))
             for r in (r for r in rows if r["setting"] == name):
