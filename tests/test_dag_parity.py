@@ -41,7 +41,8 @@ def snakemake_jobs(project: Path, target: str = "reproduce_all", *args) -> list[
 def _rule_sources(project: Path) -> dict[str, str]:
     text = "\n".join(p.read_text() for p in [project / "workflow" / "Snakefile",
                                                *sorted((project / "workflow" / "rules").glob("*.smk"))])
-    return {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", text, re.M | re.S)}
+    return {m.group(1): m.group(2)
+            for m in re.finditer(r"^\s*rule (\w+):\n(.*?)(?=^\s*rule \w+:|^\S|\Z)", text, re.M | re.S)}
 
 
 def snakemake_params(project: Path, rule: str, wildcards: dict) -> set[str]:
@@ -135,16 +136,20 @@ def _paper_project(project: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_paper_rows_dry_run_lists_every_job_of_every_setting(project, tmp_path):
+def test_paper_rows_dry_run_lists_every_job_of_every_setting_under_the_slurm_profile(project, tmp_path):
+    """With every setting in pipeline.settings, the dry run under the SLURM profile lists every job of every setting
+    with per-rule resources (one dry run for both checks: each costs tens of seconds with the paper rows)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
     from dd.config import load_params
     from dd.methods import method_names
 
     paper = _paper_project(project, tmp_path)
     params = load_params(paper / "params.yaml")
-    jobs = snakemake_jobs(paper)
+    jobs = snakemake_jobs(paper, "reproduce_all", "--profile", "workflow/profiles/slurm")
     for name, setting in params.settings.items():
-        for rule in ("teacher", "pairs", "distill", "report_setting"):
+        for rule in ("teacher", "pairs_merge", "distill", "report_setting"):
             assert sum(j["rule"] == rule and f"setting={name}" in j["wildcards"] for j in jobs) == 1, (rule, name)
+        assert sum(j["rule"] == "pairs_part" and f"setting={name}" in j["wildcards"] for j in jobs) > 1
         for method in method_names(setting):
             for rule, path in (("sample", f"results/{name}/samples/{method}"),
                                ("evaluate", f"results/{name}/metrics/{method}.json")):
@@ -154,18 +159,33 @@ def test_paper_rows_dry_run_lists_every_job_of_every_setting(project, tmp_path):
     names = {s["name"] for s in dvc_stages(paper)}
     assert {f"distill@{n}" for n in params.settings} <= names
 
-
-def test_slurm_profile_dry_run(project, tmp_path):
-    pytest.importorskip("snakemake_executor_plugin_slurm")
-    paper = _paper_project(project, tmp_path)
-    jobs = snakemake_jobs(paper, "reproduce_all", "--profile", "workflow/profiles/slurm")
     resources = {j["rule"]: dict(r.split("=", 1) for r in j["resources"] if "=" in r) for j in jobs}
     # per-rule limits, not one limit for every rule
     assert resources["distill"]["gpu"] == "8" and resources["teacher"]["gpu"] == "0"
+    # the profile splits pairs into shard-range jobs on one GPU each, merged on a CPU
+    assert resources["pairs_part"]["gpu"] == "1" and resources["pairs_merge"]["slurm_partition"] == "cpu"
     assert int(resources["distill"]["runtime"]) > int(resources["evaluate"]["runtime"]) > int(
         resources["report"]["runtime"])
     assert resources["report"]["slurm_partition"] == "cpu" and resources["sample"]["slurm_partition"] == "gpu"
     assert len({r["runtime"] for r in resources.values()}) >= 4
+
+
+def test_pairs_split_over_shard_ranges_dry_run(project):
+    """--config pairs_jobs=N: every setting's shards split into N contiguous ranges (pairs_part), joined by
+    pairs_merge, which the distill stage reads as before."""
+    from dd.config import load_params
+
+    params = load_params(project / "params.yaml")
+    jobs = snakemake_jobs(project, "reproduce_all", "--config", "pairs_jobs=3")
+    assert not any(j["rule"] == "pairs" for j in jobs)
+    for name in params.pipeline.settings:
+        p = params.setting(name).pairs
+        parts = sorted(j["output"][0] for j in jobs if j["rule"] == "pairs_part" and f"setting={name}" in j["wildcards"])
+        bounds = [tuple(int(x) for x in path.rsplit("shards-", 1)[1].split("-")) for path in parts]
+        assert len(bounds) == 3 and bounds[0][0] == 0 and bounds[-1][1] == -(-p.num_pairs // p.shard_size)
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        merge = next(j for j in jobs if j["rule"] == "pairs_merge" and f"setting={name}" in j["wildcards"])
+        assert sorted(merge["input"]) == parts and merge["output"] == [f"results/{name}/pairs"]
 
 
 def test_plan_prints_sourced_costs(capsys):
