@@ -133,3 +133,5 @@ def print_plan(params: Params, setting: Setting, gpu: str = "A800") -> None:
         print(f"{c.stage:<16} {gpu_h:>10} {cpu_h:>8}  {c.source}")
     if setting.paper_row:
         print(f"{'total':<16} {total:>10,.1f}           = {total / 8:,.1f} h on one 8-GPU node")
+        print("The paper's times are seconds per image in steady state at its own batch size and GPU (not recovered); "
+              "pairs and sample at a large batch may take less: read these as upper bounds.")
