@@ -72,8 +72,7 @@ def _dd_method_seconds(setting: Setting, method: str, method_obj) -> tuple[float
     if method == "onestep":
         return 0.0, "table look-up, no network"
     if method.startswith("dd-"):
-        # GUESS: a DD step costs what LlamaGen-L's does relative to its teacher's whole sampling is not portable;
-        # use the closest family row's DD time (VAR-d16 / LlamaGen-L) scaled by the student's parameters.
+        # GUESS: the family's reported DD time (VAR-d16 / LlamaGen-L) scaled by the student's parameter count.
         ref = "var-d16" if setting.family == "var" else "llamagen-l"
         scale = DD_PARAMS_M[setting.name] / DD_PARAMS_M[ref]
         return METHOD_SECONDS[(ref, method)] * scale, f"GUESS: {ref}'s time x params ratio {scale:.2f}"
