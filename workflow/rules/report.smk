@@ -19,7 +19,7 @@ rule report_setting:
     resources:
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={threads} {DD} report-setting --setting {wildcards.setting} 2>&1 | tee {log}"
+        "{DD} report-setting --setting {wildcards.setting} 2>&1 | tee {log}"
 
 
 rule report:
@@ -36,7 +36,7 @@ rule report:
     resources:
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={threads} {DD} report --only tables 2>&1 | tee {log}"
+        "{DD} report --only tables 2>&1 | tee {log}"
 
 
 rule report_figures:
@@ -53,4 +53,4 @@ rule report_figures:
     resources:
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={threads} {DD} report --only figures 2>&1 | tee {log}"
+        "{DD} report --only figures 2>&1 | tee {log}"
