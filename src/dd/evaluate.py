@@ -162,17 +162,21 @@ class FidInception(torch.nn.Module):
         return pool3, pool3 @ self.net.fc.weight.T
 
 
-def inception_features(model: FidInception, images: torch.Tensor, batch_size: int = 100,
+def inception_features(model: FidInception, shards, total: int, batch_size: int = 100,
                        desc: str = "inception") -> tuple[np.ndarray, np.ndarray]:
-    """(pool3 (N, 2048), logits (N, 1008)) float64 numpy of uint8 images (N, H, W, 3), batched, progress bar."""
+    """(pool3 (N, 2048), logits (N, 1008)) float64 numpy of uint8 images, given as an iterable of (n, H, W, 3)
+    tensors (shards: 50k images at 256 px never have to sit in memory at once); batched, progress bar in images."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     pools, logits = [], []
-    for chunk in tqdm(images.split(batch_size), desc=f"[evaluate] {desc}", unit="batch", leave=False):
-        pool3, logit = model(chunk.to(device))
-        pools.append(pool3.double().cpu())
-        logits.append(logit.double().cpu())
+    with tqdm(total=total, desc=f"[evaluate] {desc}", unit="img") as bar:
+        for shard in shards:
+            for chunk in shard.split(batch_size):
+                pool3, logit = model(chunk.to(device))
+                pools.append(pool3.double().cpu())
+                logits.append(logit.double().cpu())
+                bar.update(len(chunk))
     return torch.cat(pools).numpy(), torch.cat(logits).numpy()
 
 
@@ -203,18 +207,19 @@ def adm_reference_features(params: Params, model: FidInception) -> np.ndarray:
     if "arr_0" not in batch or batch["arr_0"].dtype != torch.uint8 or batch["arr_0"].ndim != 4:
         raise StageError(f"{npz}: expected 'arr_0' uint8 images (N, H, W, 3) (the ADM reference batch); got keys "
                          f"{sorted(batch)}")
-    pool3, _ = inception_features(model, batch["arr_0"], desc="ADM reference batch")
+    pool3, _ = inception_features(model, [batch["arr_0"]], len(batch["arr_0"]), desc="ADM reference batch")
     with atomic_file(cache) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, pool3)
     return pool3
 
 
-def paper_metrics(params: Params, images: torch.Tensor, device) -> dict:
-    """FID (released statistic), IS and precision/recall (ADM reference batch) of uint8 images (N, H, W, 3)."""
+def paper_metrics(params: Params, shards, total: int, device) -> dict:
+    """FID (released statistic), IS and precision/recall (ADM reference batch) of uint8 images (N, H, W, 3) given
+    shard by shard."""
     model = load_inception(params, device)
     stat = hub.load_artifact(FID_STATISTIC, eval_dir(params))
-    pool3, logits = inception_features(model, images, desc="samples")
+    pool3, logits = inception_features(model, shards, total, desc="samples")
     mu, sigma = feature_statistics(pool3)
     reference = adm_reference_features(params, model)
     precision, recall = precision_recall(pool3, reference)
@@ -286,9 +291,10 @@ def metrics_path(params: Params, setting: Setting, method: str) -> Path:
     return params.path.parent / "results" / setting.name / "metrics" / f"{method}.json"
 
 
-def read_method_samples(params: Params, setting: Setting, method: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(images uint8 (N, H, W, 3), labels (N,), manifest) of a finished samples folder; one clear error otherwise."""
-    from dd.sample_stage import read_manifest, read_samples, samples_dir
+def method_samples(params: Params, setting: Setting, method: str) -> tuple[Path, dict]:
+    """(folder, manifest) of a method's finished samples, checked against the setting; one clear error otherwise.
+    Read the images with dd.sample_stage.read_samples / iter_sample_shards (both verify every shard's sha256)."""
+    from dd.sample_stage import read_manifest, samples_dir
 
     folder = samples_dir(params, setting, method)
     if not folder.is_dir():
@@ -297,14 +303,13 @@ def read_method_samples(params: Params, setting: Setting, method: str) -> tuple[
         raise StageError(f"{folder}: no samples of method '{method}'{hint}; run "
                          f"`dd sample --setting {setting.name} --method {method}` first")
     manifest = read_manifest(folder)
-    images, labels = read_samples(folder)
     if manifest.get("setting") != setting.name or manifest.get("method") != method:
         raise StageError(f"{folder}/manifest.json: holds setting {manifest.get('setting')!r} method "
                          f"{manifest.get('method')!r}, expected {setting.name!r} {method!r}; re-run `dd sample`")
-    if images.shape[1] != setting.image_size:
-        raise StageError(f"{folder}: images are {images.shape[1]}px, setting '{setting.name}' has image_size "
-                         f"{setting.image_size}; re-run `dd sample`")
-    return images, labels, manifest
+    if manifest.get("image_size") != setting.image_size:
+        raise StageError(f"{folder}/manifest.json: images are {manifest.get('image_size')}px, setting "
+                         f"'{setting.name}' has image_size {setting.image_size}; re-run `dd sample`")
+    return folder, manifest
 
 
 def run_evaluate_stage(params: Params, setting: Setting, method: str, device: str | None = None,
@@ -321,12 +326,17 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = metrics_path(params, setting, method)
     started = time.perf_counter()
-    images, labels, manifest = read_method_samples(params, setting, method)  # a missing input fails before MLflow
+    from dd.sample_stage import iter_sample_shards, read_samples
+
+    folder, manifest = method_samples(params, setting, method)  # a missing input fails before MLflow opens a run
+    n_samples = int(manifest["num_samples"])
     with stage_run(params, setting, f"evaluate/{method}", {"evaluate.method": method}) as mlflow:
-        print(f"[evaluate] {setting.name}/{method}: {len(images)} samples, {manifest.get('steps')} steps", flush=True)
+        print(f"[evaluate] {setting.name}/{method}: {n_samples} samples, {manifest.get('steps')} steps", flush=True)
         if setting.paper_row:
-            values = paper_metrics(params, images, device)
+            shards = (images for images, _ in iter_sample_shards(folder))
+            values = paper_metrics(params, shards, n_samples, device)
         else:
+            images, labels = read_samples(folder)
             values = toy_metrics(toy_reference(params, setting), images, labels)
         eval_seconds = time.perf_counter() - started
         timing = None
@@ -335,7 +345,7 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
 
             timing = measure_latency(params, setting, method, device=device)
         record = {
-            "setting": setting.name, "method": method, "n_samples": int(len(images)),
+            "setting": setting.name, "method": method, "n_samples": n_samples,
             "steps": manifest.get("steps"), "source": manifest.get("source"),
             **values,
             "latency_s": timing["latency_s"] if timing else None,
