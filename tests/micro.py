@@ -9,7 +9,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-MICRO_TEACHER_TRAIN = {"classifier_epochs": 1, "tokenizer_epochs": 1, "teacher_epochs": 1, "num_threads": 1}
+MICRO_TEACHER_TRAIN = {"classifier_epochs": 1, "tokenizer_epochs": 1, "teacher_epochs": 1, "judge_epochs": 1,
+                       "num_threads": 1}
 MICRO_GATES = {"num_samples": 20, "enforce": False}
 
 

@@ -44,6 +44,7 @@ class TeacherTrain:
     # randomly shifted copies (more variety, but a harder distribution that needs far more teacher epochs)
     teacher_token_copies: int
     num_threads: int  # torch CPU threads; 0 = torch's default
+    judge_epochs: int = 8  # the evaluate stage's toy judge (dd.judge; ~0.98 test accuracy at 8); micro runs cut it
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,9 @@ def train_judge(image_size: int, epochs: int = 8, batch_size: int = 128, lr: flo
     Deterministic given the seed and the torch thread count; the global RNG state is left untouched.
     SGD + Nesterov, one-cycle schedule, label smoothing 0.1. Returns (model in eval mode, metrics).
     """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"train_judge: epochs and batch_size must be >= 1, got {epochs} and {batch_size} "
+                         f"(teacher.train.judge_epochs in params.yaml)")
     config = JudgeConfig(image_size=image_size)
     train_x, train_y = data.load_mnist("train", image_size)
     test_x, test_y = data.load_mnist("test", image_size)

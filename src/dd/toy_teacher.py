@@ -456,7 +456,7 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     t = timed("classifier", t)
 
     # 1b. the toy judge of the evaluate stage (dd.judge): own architecture and seed; no training step reads it
-    judge_model, judge_metrics = judge.train_judge(setting.image_size)
+    judge_model, judge_metrics = judge.train_judge(setting.image_size, epochs=train.judge_epochs)
     judge.save_judge(judge_model, out / FILES["judge"], judge_metrics)
     metrics["judge.test_accuracy"] = judge_metrics["test_accuracy"]
     t = timed("judge", t)
