@@ -138,7 +138,7 @@ def test_same_class_diversity():
     b[1] += 0.5  # distance 0.5 * sqrt(48)
     images = torch.cat([a, b])
     labels = torch.tensor([0, 0, 0, 1, 1])
-    expected = np.mean([0.0, 0.5 * np.sqrt(48)])
+    expected = np.mean([0.0, 0.5 * np.sqrt(16)])  # grey images: 4x4 pixels
     assert ev.same_class_diversity(images, labels) == pytest.approx(expected)
     with pytest.raises(StageError, match="at least two"):
         ev.same_class_diversity(a[:1], labels[:1])

@@ -19,11 +19,11 @@ Paper rows (reference/dd-paper.md §2), as the official evaluation computes them
     and the official DD FID do); the same network embeds the samples and the reference batch.
 
 Toy rows: the same formulas in the feature space of the toy judge (dd.judge; trained in the teacher stage, used by
-no training step), reference = the 1000 held-out test digits; beside them the real-vs-real floor (the 4000 train
-digits against the test digits, same judge), class accuracy under the judge, and same-class diversity (mean pairwise
-pixel L2 distance between the samples of one class, [-1, 1] images at the setting's size, averaged over classes)
-with the real test digits' value. Real digits go through the samples' uint8 rounding first, so both sides are
-quantised alike.
+no training step), reference = the 1000 held-out test digits; beside them the real-vs-real floor (the train
+digits against the test digits, same judge, as many train digits as samples), class accuracy under the judge, and
+same-class diversity (mean pairwise pixel L2 distance between the grey [-1, 1] samples of one class at the setting's
+size, averaged over classes) with the real test digits' value. Real digits go through the samples' uint8 rounding
+first, so both sides are quantised alike.
 
 Latency: dd.latency.measure_latency (seconds per image, steady state, setting's batch size; its device).
 """
@@ -101,9 +101,10 @@ def inception_score(logits, split_size: int = IS_SPLIT_SIZE) -> float:
 
 
 def same_class_diversity(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean pairwise L2 distance between the images (N, 3, H, W) of one class, averaged over the classes that
-    have at least two images."""
-    flat = images.flatten(1).double()
+    """Mean pairwise L2 distance between the grey images of one class, averaged over the classes that have at
+    least two images. images (N, C, H, W) in [-1, 1]; grey = the mean over channels (the digits are grey; one
+    channel keeps the numbers comparable with the toy-fidelity issue's table, real digits 6.31 at 16 px)."""
+    flat = images.double().mean(dim=1).flatten(1)
     per_class = [torch.pdist(flat[labels == c]).mean().item() for c in labels.unique().tolist()
                  if int((labels == c).sum()) >= 2]
     if not per_class:
@@ -241,8 +242,11 @@ def _quantised_digits(split: str, image_size: int) -> tuple[torch.Tensor, torch.
     return uint8_to_unit(to_uint8(images)), labels
 
 
-def toy_reference(params: Params, setting: Setting) -> dict:
-    """The judge and everything the real digits give: test features, the real-vs-real floor, real diversity."""
+def toy_reference(params: Params, setting: Setting, n_samples: int) -> dict:
+    """The judge and everything the real digits give: test features, the real-vs-real floor, real diversity.
+
+    The floor compares as many train digits as there are samples (balanced: the first n/10 of each class, at most
+    all 4000) with the test digits, so it carries the same small-sample bias as the samples' FID."""
     from dd import judge
     from dd.teacher_stage import teacher_dir
 
@@ -254,7 +258,10 @@ def toy_reference(params: Params, setting: Setting) -> dict:
     if model.config.image_size != setting.image_size:
         raise StageError(f"{path}: judge trained at {model.config.image_size}px but setting '{setting.name}' has "
                          f"image_size {setting.image_size}; rerun `dd teacher --setting {setting.name}`")
-    train_x, _ = _quantised_digits("train", setting.image_size)
+    train_x, train_y = _quantised_digits("train", setting.image_size)
+    per_class = min(len(train_y) // setting.num_classes, -(-n_samples // setting.num_classes))
+    rank_in_class = torch.arange(len(train_y)) - torch.searchsorted(train_y, train_y)  # train_y is sorted by class
+    train_x = train_x[rank_in_class < per_class]
     test_x, test_y = _quantised_digits("test", setting.image_size)
     test_features = judge.features(model, test_x).numpy()
     train_features = judge.features(model, train_x).numpy()
@@ -337,7 +344,7 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
             values = paper_metrics(params, shards, n_samples, device)
         else:
             images, labels = read_samples(folder)
-            values = toy_metrics(toy_reference(params, setting), images, labels)
+            values = toy_metrics(toy_reference(params, setting, n_samples), images, labels)
         eval_seconds = time.perf_counter() - started
         timing = None
         if latency:
