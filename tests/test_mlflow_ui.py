@@ -5,6 +5,7 @@ Chromium comes from Debian (`apt-get install -y chromium`; .ci/run installs it).
 chromium is absent; under CI (CI=true) a missing chromium fails the test."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -112,10 +113,16 @@ def test_run_metric_and_picture_visible_in_mlflow_ui(logged_run):
             url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
             dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
                                  timeout=180).stdout
+            artifact_url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/samples/grid.png"
+            artifact_dom = subprocess.run([chromium, *flags, "--dump-dom", artifact_url], capture_output=True,
+                                          text=True, timeout=180).stdout
             shot = project / "run_page.png"
             subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
         assert "toy-var/evaluate" in dom, dom[-2000:]
         assert "fid" in dom
+        # the artifact view of the run lists the sample grid and shows it as an image fetched from the server
+        assert "grid.png" in artifact_dom, artifact_dom[-2000:]
+        assert re.search(r"<img[^>]+grid\.png", artifact_dom), artifact_dom[-3000:]
         with Image.open(shot) as image:
             assert image.size == (1400, 900)
             # a rendered page, not a blank one: many distinct colours
