@@ -218,7 +218,8 @@ def _write_samples(folder: Path, setting, method: str, images_u8: torch.Tensor, 
     from dd.sample_stage import FORMAT, MANIFEST
 
     folder.mkdir(parents=True)
-    save_file({"images": images_u8.contiguous(), "labels": labels.contiguous()}, str(folder / "shard-00000.safetensors"))
+    save_file({"images": images_u8.contiguous(), "labels": labels.contiguous()},
+              str(folder / "shard-00000.safetensors"))
     manifest = {"format": FORMAT, "complete": True, "setting": setting.name, "method": method,
                 "num_samples": len(labels), "shard_size": len(labels), "image_size": setting.image_size, "seed": 0,
                 "steps": 7, "source": "teacher",

@@ -154,7 +154,8 @@ class FidInception(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"FidInception expects uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"FidInception expects uint8 images (N, H, W, 3), got {images.dtype} "
+                             f"{tuple(images.shape)}")
         x = images.permute(0, 3, 1, 2).float()
         # clean-fid legacy_pytorch: resize the [0, 255] floats (= pytorch-fid's resize of ToTensor's [0, 1])
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
@@ -415,7 +416,8 @@ def summary_table(setting: Setting, rows: list[dict]) -> str:
         if r["status"] != "ok":
             lines.append("| " + " | ".join([r["method"]] + ["not run"] + [""] * (len(head) - 2)) + " |")
             continue
-        cells = [r["method"], _fmt(r.get("steps"), "d"), _fmt(r.get("fid"), ".2f"), _fmt(r.get("fid_vs_teacher"), ".2f"),
+        cells = [r["method"], _fmt(r.get("steps"), "d"), _fmt(r.get("fid"), ".3g"),
+                 _fmt(r.get("fid_vs_teacher"), ".2f"),
                  _fmt(r.get("class_accuracy") if toy else r.get("is"), ".3f" if toy else ".1f"),
                  _fmt(r.get("precision"), ".3f"), _fmt(r.get("recall"), ".3f")]
         cells += [_fmt(r.get("diversity"), ".2f")] if toy else []
@@ -423,7 +425,7 @@ def summary_table(setting: Setting, rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     real = next((r for r in rows if r["status"] == "ok" and r.get("fid_floor") is not None), None)
     if toy and real:
-        cells = ["real: train vs test digits", "-", _fmt(real["fid_floor"], ".2f"), "-",
+        cells = ["real: train vs test digits", "-", _fmt(real["fid_floor"], ".3g"), "-",
                  _fmt(real.get("class_accuracy_real"), ".3f"), _fmt(real.get("precision_floor"), ".3f"),
                  _fmt(real.get("recall_floor"), ".3f"), _fmt(real.get("diversity_real"), ".2f"), "-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -179,7 +179,8 @@ ARTIFACTS: dict[str, Artifact] = _registry(
 # The evaluation's networks and reference data, hosted outside the Hub (dd.evaluate fetches them into
 # checkpoints/eval/). Kept apart from ARTIFACTS, whose entries are all Hugging Face checkpoints.
 EVAL_ARTIFACTS: dict[str, Artifact] = _registry(
-    Artifact(name="pytorch-fid-inception", repo_id="mseitzer/pytorch-fid", filename="pt_inception-2015-12-05-6726825d.pth",
+    Artifact(name="pytorch-fid-inception", repo_id="mseitzer/pytorch-fid",
+             filename="pt_inception-2015-12-05-6726825d.pth",
              kind="eval_net", load_layout="plain",
              download_url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                           "pt_inception-2015-12-05-6726825d.pth",
