@@ -84,11 +84,30 @@ def test_fid_agrees_with_torch_fidelity_and_the_closed_form():
     theirs = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(a)),
                                       fid_features_to_statistics(torch.from_numpy(b)), verbose=False)
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    from cleanfid import fid
+
+    assert ours == pytest.approx(fid.fid_from_feats(a, b), rel=1e-12)  # the same arithmetic as clean-fid's own
     # diagonal covariances: |mu1 - mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2))
     mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
     s1, s2 = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
     closed = float(((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum())
     assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed, rel=1e-6)
+
+
+def test_fid_falls_back_to_eigenvalues_when_clean_fid_refuses(monkeypatch):
+    from cleanfid import fid
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(6, 16)), rng.normal(size=(7, 16)) + 1  # rank-deficient covariances
+    expected = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(a)),
+                                        fid_features_to_statistics(torch.from_numpy(b)), verbose=False)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Imaginary component 0.5")
+
+    monkeypatch.setattr(fid, "frechet_distance", refuse)
+    assert ev.fid_from_features(a, b) == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

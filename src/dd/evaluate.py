@@ -61,18 +61,30 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """clean-fid's Frechet distance between two Gaussians (scipy sqrtm, eps-regularised when singular)."""
+    """clean-fid's Frechet distance between two Gaussians (scipy sqrtm, eps-regularised when singular).
+
+    clean-fid refuses a matrix square root with a large imaginary part, which happens when the covariances are
+    far from full rank (fewer samples than feature dimensions, e.g. micro test runs); then the trace term is
+    taken from the eigenvalues of sigma1 @ sigma2 instead (torch-fidelity's formula), with a warning."""
     from cleanfid import fid
 
-    return float(fid.frechet_distance(np.asarray(mu1, np.float64), np.asarray(sigma1, np.float64),
-                                      np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)))
+    args = [np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2)]
+    try:
+        return float(fid.frechet_distance(*args))
+    except ValueError as err:
+        if "Imaginary component" not in str(err):
+            raise
+        mu1, sigma1, mu2, sigma2 = args
+        print(f"[evaluate] warning: clean-fid's sqrtm failed ({err}); covariances are rank-deficient (too few "
+              f"samples for {len(mu1)}-d features): FID from the eigenvalues of sigma1 @ sigma2", flush=True)
+        trace_sqrt = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)).real.sum()
+        diff = mu1 - mu2
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def fid_from_features(features_1, features_2) -> float:
-    """FID between two feature sets (clean-fid's fid_from_feats)."""
-    from cleanfid import fid
-
-    return float(fid.fid_from_feats(np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)))
+    """FID between two feature sets (clean-fid's fid_from_feats: np.mean / np.cov, then frechet_distance)."""
+    return frechet_distance(*feature_statistics(features_1), *feature_statistics(features_2))
 
 
 def precision_recall(sample_features, reference_features, k: int = K_NEIGHBOURS) -> tuple[float, float]:
