@@ -11,7 +11,8 @@ Tolerances, and why:
   - Inception Score: the ADM formula re-derived in numpy, relative 1e-9 (float64).
   - Inception features: our FidInception against clean-fid's legacy_pytorch extractor with the same random weights
     (nothing downloads: clean-fid's weight download is replaced by our random state dict): relative 1e-4 (float32
-    convolutions in a different batch layout; observed ~1e-6).
+    convolutions in a different batch layout; observed ~1e-6). The ADM input path against torch-fidelity's TF1
+    resize fed to the same trunk: relative 1e-5.
 """
 import json
 import os
@@ -196,6 +197,16 @@ def test_fid_inception_matches_clean_fid_legacy_pytorch(monkeypatch):
     assert pool3.shape == (3, 2048) and logits.shape == (3, 1008)
     assert torch.allclose(pool3, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
     assert torch.allclose(logits, pool3 @ ours.net.fc.weight.T)  # ADM: no bias
+    # the ADM path: TF1 resize (torch-fidelity's port) and (x - 128) / 128 into the same trunk
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    tf_input = (interpolate_bilinear_2d_like_tensorflow1x(images.permute(0, 3, 1, 2).float(), size=(299, 299),
+                                                          align_corners=False) - 128) / 128
+    adm_pool3, adm_logits = ours(images, adm=True)
+    with torch.no_grad():
+        expected = ours.trunk(tf_input).flatten(1)
+    assert torch.allclose(adm_pool3, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert (adm_pool3 - pool3).abs().max() > 1e-3 * pool3.abs().max()  # the two input paths really differ
     with pytest.raises(ValueError, match="uint8"):
         ours(images.float())
 
@@ -320,8 +331,9 @@ class TinyInception(torch.nn.Module):
         self.fc = torch.nn.Linear(64, 1008, bias=False)
 
     @torch.no_grad()
-    def forward(self, images):
+    def forward(self, images, adm=False):
         x = torch.nn.functional.adaptive_avg_pool2d(images.permute(0, 3, 1, 2).float() / 255, 8).flatten(1)
+        x = x.flip(1) if adm else x  # the two input paths must not be mixed up
         pool3 = torch.relu(self.embed(x))
         return pool3, self.fc(pool3)
 
@@ -360,12 +372,13 @@ def test_paper_evaluation_end_to_end_with_hand_placed_artifacts(tmp_path, monkey
                    torch.arange(6, dtype=torch.int64))
     record = json.loads(ev.run_evaluate_stage(params, setting, "dd-1step", device="cpu", latency=False).read_text())
 
-    pool3, logits = (t.double().numpy() for t in net(images))
-    ref_pool3 = net(reference)[0].double().numpy()
+    pool3 = net(images)[0].double().numpy()
+    adm_pool3, adm_logits = (t.double().numpy() for t in net(images, adm=True))
+    ref_pool3 = net(reference, adm=True)[0].double().numpy()
     sample_mu, sample_sigma = ev.feature_statistics(pool3)
     assert record["fid"] == pytest.approx(ev.frechet_distance(sample_mu, sample_sigma, mu, sigma), rel=1e-6)
-    assert record["is"] == pytest.approx(adm_inception_score(logits), rel=1e-6)
-    assert (record["precision"], record["recall"]) == pytest.approx(adm_precision_recall(ref_pool3, pool3))
+    assert record["is"] == pytest.approx(adm_inception_score(adm_logits), rel=1e-6)
+    assert (record["precision"], record["recall"]) == pytest.approx(adm_precision_recall(ref_pool3, adm_pool3))
     assert record["n_samples"] == 6 and "class_accuracy" not in record
-    assert list(folder.glob("VIRTUAL_imagenet256_labeled.pool3-*.npy"))  # reference features cached
+    assert list(folder.glob("VIRTUAL_imagenet256_labeled.adm-pool3-*.npy"))  # reference features cached
     assert (folder / "statistic.pth.sha256").is_file()  # hand-placed files are verified and recorded

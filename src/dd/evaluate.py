@@ -15,8 +15,9 @@ Paper rows (reference/dd-paper.md §2), as the official evaluation computes them
     nearest-neighbour balls of the reference batch, recall = share of the reference inside the samples' balls
     (Kynkaenniemi et al. 2019), reference = ADM's VIRTUAL_imagenet256_labeled.npz. Formulas through torch-fidelity
     (`isc_features_to_metric`, `calculate_precision_recall_part`).
-    Known deviation: ADM's TF graph resizes 256 -> 299 with TF1's bilinear rule, we with PyTorch's (as pytorch-fid
-    and the official DD FID do); the same network embeds the samples and the reference batch.
+    ADM's network is the TF graph of the same Inception: its input path is reproduced (TF1 bilinear resize to 299,
+    (x - 128) / 128), its weights are pytorch-fid's port of them (the FID path keeps pytorch-fid's own resize).
+    The same network and path embed the samples and the reference batch.
 
 Toy rows: the same formulas in the feature space of the toy judge (dd.judge; trained in the teacher stage, used by
 no training step), reference = the 1000 held-out test digits; beside them the real-vs-real floor (the train
@@ -164,34 +165,48 @@ class FidInception(torch.nn.Module):
             net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d(1))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, adm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """adm=False: the official DD FID's input path (pytorch-fid / clean-fid legacy_pytorch: PyTorch bilinear
+        resize, 2x/255 - 1). adm=True: the ADM evaluator's TF graph input path (TF1 bilinear resize, through
+        torch-fidelity's port, then (x - 128) / 128 as the graph's Sub/Mul do)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"FidInception expects uint8 images (N, H, W, 3), got {images.dtype} "
                              f"{tuple(images.shape)}")
         x = images.permute(0, 3, 1, 2).float()
-        # clean-fid legacy_pytorch: resize the [0, 255] floats (= pytorch-fid's resize of ToTensor's [0, 1])
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * (x.clamp(0, 255) / 255) - 1
+        size = (INCEPTION_SIZE, INCEPTION_SIZE)
+        if adm:
+            from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+            x = (interpolate_bilinear_2d_like_tensorflow1x(x, size=size, align_corners=False) - 128) / 128
+        else:
+            # clean-fid legacy_pytorch: resize the [0, 255] floats (= pytorch-fid's resize of ToTensor's [0, 1])
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = 2 * (x.clamp(0, 255) / 255) - 1
         pool3 = self.trunk(x).flatten(1)
         return pool3, pool3 @ self.net.fc.weight.T
 
 
-def inception_features(model: FidInception, shards, total: int, batch_size: int = 100,
-                       desc: str = "inception") -> tuple[np.ndarray, np.ndarray]:
-    """(pool3 (N, 2048), logits (N, 1008)) float64 numpy of uint8 images, given as an iterable of (n, H, W, 3)
-    tensors (shards: 50k images at 256 px never have to sit in memory at once); batched, progress bar in images."""
+def inception_features(model: FidInception, shards, total: int, paths=("fid", "adm"), batch_size: int = 100,
+                       desc: str = "inception") -> dict[str, np.ndarray]:
+    """Features of uint8 images given as an iterable of (n, H, W, 3) tensors (shards: 50k images at 256 px never
+    sit in memory at once), float64 numpy: "fid" pool3 of the official FID path; "adm_pool3" and "adm_logits" of
+    the ADM evaluator's path (see FidInception.forward). Batched; progress bar in images."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    pools, logits = [], []
+    out = {"fid": [], "adm_pool3": [], "adm_logits": []}
     with tqdm(total=total, desc=f"[evaluate] {desc}", unit="img") as bar:
         for shard in shards:
             for chunk in shard.split(batch_size):
-                pool3, logit = model(chunk.to(device))
-                pools.append(pool3.double().cpu())
-                logits.append(logit.double().cpu())
+                chunk = chunk.to(device)
+                if "fid" in paths:
+                    out["fid"].append(model(chunk)[0].double().cpu())
+                if "adm" in paths:
+                    pool3, logits = model(chunk, adm=True)
+                    out["adm_pool3"].append(pool3.double().cpu())
+                    out["adm_logits"].append(logits.double().cpu())
                 bar.update(len(chunk))
-    return torch.cat(pools).numpy(), torch.cat(logits).numpy()
+    return {key: torch.cat(parts).numpy() for key, parts in out.items() if parts}
 
 
 def eval_dir(params: Params) -> Path:
@@ -214,14 +229,15 @@ def adm_reference_features(params: Params, model: FidInception) -> np.ndarray:
     npz = hub.fetch(ADM_REFERENCE, folder)
     weights = folder / hub.EVAL_ARTIFACTS[INCEPTION_WEIGHTS].basename
     key = f"{hub.sha256_of(npz)[:12]}-{hub.sha256_of(weights)[:12]}"
-    cache = folder / f"{npz.stem}.pool3-{key}.npy"
+    cache = folder / f"{npz.stem}.adm-pool3-{key}.npy"
     if cache.is_file():
         return np.load(cache, allow_pickle=False)
     batch = hub.load_checkpoint(npz, "npz")
     if "arr_0" not in batch or batch["arr_0"].dtype != torch.uint8 or batch["arr_0"].ndim != 4:
         raise StageError(f"{npz}: expected 'arr_0' uint8 images (N, H, W, 3) (the ADM reference batch); got keys "
                          f"{sorted(batch)}")
-    pool3, _ = inception_features(model, [batch["arr_0"]], len(batch["arr_0"]), desc="ADM reference batch")
+    pool3 = inception_features(model, [batch["arr_0"]], len(batch["arr_0"]), paths=("adm",),
+                               desc="ADM reference batch")["adm_pool3"]
     with atomic_file(cache) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, pool3)
@@ -233,12 +249,12 @@ def paper_metrics(params: Params, shards, total: int, device) -> dict:
     shard by shard."""
     model = load_inception(params, device)
     stat = hub.load_artifact(FID_STATISTIC, eval_dir(params))
-    pool3, logits = inception_features(model, shards, total, desc="samples")
-    mu, sigma = feature_statistics(pool3)
+    features = inception_features(model, shards, total, desc="samples")
+    mu, sigma = feature_statistics(features["fid"])
     reference = adm_reference_features(params, model)
-    precision, recall = precision_recall(pool3, reference)
+    precision, recall = precision_recall(features["adm_pool3"], reference)
     return {"fid": frechet_distance(mu, sigma, stat["m"].double().numpy(), stat["s"].double().numpy()),
-            "is": inception_score(logits), "precision": precision, "recall": recall,
+            "is": inception_score(features["adm_logits"]), "precision": precision, "recall": recall,
             "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d)",
             "fid_reference": "statistic.pth (microsoft/distilled_decoding)",
             "pr_reference": "ADM VIRTUAL_imagenet256_labeled.npz"}
