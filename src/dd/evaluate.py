@@ -253,9 +253,12 @@ def paper_metrics(params: Params, shards, total: int, device) -> dict:
     mu, sigma = feature_statistics(features["fid"])
     reference = adm_reference_features(params, model)
     precision, recall = precision_recall(features["adm_pool3"], reference)
+    if stat["m"].numel() != mu.size:
+        raise StageError(f"{eval_dir(params) / hub.ARTIFACTS[FID_STATISTIC].basename}: a {stat['m'].numel()}-d "
+                         f"statistic for {mu.size}-d Inception pool3 features; it is not the released statistic.pth")
     return {"fid": frechet_distance(mu, sigma, stat["m"].double().numpy(), stat["s"].double().numpy()),
             "is": inception_score(features["adm_logits"]), "precision": precision, "recall": recall,
-            "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d)",
+            "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d); IS/P/R through the ADM input path",
             "fid_reference": "statistic.pth (microsoft/distilled_decoding)",
             "pr_reference": "ADM VIRTUAL_imagenet256_labeled.npz"}
 
