@@ -9,7 +9,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-MICRO_TEACHER_TRAIN = {"classifier_epochs": 1, "tokenizer_epochs": 1, "teacher_epochs": 1, "num_threads": 1}
+MICRO_TEACHER_TRAIN = {"classifier_epochs": 1, "tokenizer_epochs": 1, "teacher_epochs": 1, "judge_epochs": 1,
+                       "num_threads": 1}
 MICRO_GATES = {"num_samples": 20, "enforce": False}
 
 
@@ -35,6 +36,8 @@ def make_micro_project(dest: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     # dvc.yaml lists source files as deps: link the real ones so DVC can hash them.
     (dest / "src").symlink_to(REPO / "src")
+    (dest / "reports").mkdir()
+    shutil.copy(REPO / "reports" / "paper_numbers.csv", dest / "reports")  # the report stage's one committed input
     (dest / "params.yaml").write_text(yaml.safe_dump(micro_params(), sort_keys=False))
     (dest / ".gitignore").write_text("/results/\n/mlruns/\n/mlflow.db\n/mlflow.db.lock\n/.snakemake/\n")
     for cmd in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):

@@ -35,6 +35,7 @@ TINY_BLOCKS = {
     },
 }
 TINY_PAIRS = {"num_pairs": 10, "shard_size": 4, "batch_size": 3, "seed": 0}
+TINY_SKIP = {"toy-var": [1, 2], "toy-llamagen": [6, 10]}  # the toy values scaled to 16 tokens
 
 
 def tiny_params_dict(pairs: dict | None = None) -> dict:
@@ -46,6 +47,8 @@ def tiny_params_dict(pairs: dict | None = None) -> dict:
         s["image_size"], s["num_classes"] = block["image_size"], block["num_classes"]
         s["teacher"] = dict(s["teacher"], tokenizer=block["tokenizer"], model=block["model"])
         s["pairs"] = dict(pairs or TINY_PAIRS)
+        s["sample"] = dict(s["sample"], skip=TINY_SKIP[name])
+    raw["pipeline"].pop("methods", None)  # its skip-n names follow the real settings; dd.methods derives them
     return raw
 
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -44,6 +44,7 @@ class TeacherTrain:
     # randomly shifted copies (more variety, but a harder distribution that needs far more teacher epochs)
     teacher_token_copies: int
     num_threads: int  # torch CPU threads; 0 = torch's default
+    judge_epochs: int = 8  # the evaluate stage's toy judge (dd.judge; ~0.98 test accuracy at 8); micro runs cut it
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,17 @@ class Sample:
     num_samples: int
     batch_size: int
     seed: int
+    # skip-n baselines of Table 1: the teacher stopped n AR steps early (dd.methods); increasing, each in
+    # [1, AR steps of the teacher)
+    skip: list[int] = field(default_factory=list)
+    shard_size: int = 1000  # images per samples shard (the unit a killed sample stage resumes from)
+    # the DD student the sample stage uses: "released" (the released DD checkpoint the teacher stage links,
+    # teacher.dd_artifact) or "distilled" (results/<setting>/student, the distill stage); default: released
+    # where the setting names a dd_artifact, else distilled
+    student: Optional[str] = None
+
+    def student_source(self, dd_artifact: Optional[str]) -> str:
+        return self.student or ("released" if dd_artifact else "distilled")
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,12 @@ class Tracking:
 @dataclass(frozen=True)
 class Pipeline:
     settings: list[str]  # what `dvc repro` and Snakemake's default target run
+    # torch CPU threads of every `dd` stage, under Snakemake and DVC alike (0 = OMP_NUM_THREADS when set, else
+    # every core this process may use); the DD_NUM_THREADS environment variable overrides it
+    num_threads: int = 0
+    # every (setting, method) of `settings`, keyed "<setting>_<method>": dvc.yaml's sample/evaluate stages iterate
+    # it (DVC cannot derive it); load_params checks it equals dd.methods.sample_jobs, so it cannot drift
+    methods: Optional[dict[str, dict[str, str]]] = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +247,7 @@ def _build(cls, data: dict, prefix: str, file: Path, **given):
         if name in given:
             continue
         if name not in data:
-            if f.default is not dataclasses.MISSING:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
             raise ConfigError(f"{file}: missing key '{prefix}.{name}'")
         kwargs[name] = _check(data[name], hints[name], f"{prefix}.{name}", file)
@@ -268,10 +286,32 @@ def _validate_setting(s: Setting, file: Path):
     for key, value in counts.items():
         if value <= 0:
             raise ConfigError(f"{file}: key '{where}.{key}' must be positive")
+    _validate_sample(s, file)
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Load and validate a params file. Raises ConfigError (one line) on any problem."""
+def _validate_sample(s: Setting, file: Path):
+    from dd.methods import num_units_of
+
+    where = f"settings.{s.name}.sample"
+    if s.sample.shard_size <= 0:
+        raise ConfigError(f"{file}: key '{where}.shard_size' must be positive")
+    skip = s.sample.skip
+    if sorted(set(skip)) != skip or any(n <= 0 for n in skip):
+        raise ConfigError(f"{file}: key '{where}.skip' must be increasing positive AR-step counts (got {skip})")
+    units = num_units_of(s.family, s.teacher.tokenizer, s.teacher.model)
+    if units is not None and skip and skip[-1] >= units:
+        raise ConfigError(f"{file}: key '{where}.skip' asks to skip {skip[-1]} of the teacher's {units} AR steps; "
+                          f"each value must lie in [1, {units - 1}]")
+    if s.sample.student not in (None, "released", "distilled"):
+        raise ConfigError(f"{file}: key '{where}.student' must be 'released' or 'distilled' (got {s.sample.student!r})")
+    if s.sample.student == "released" and not s.teacher.dd_artifact:
+        raise ConfigError(f"{file}: key '{where}.student' is 'released' but settings.{s.name}.teacher.dd_artifact is "
+                          f"not set (no released DD checkpoint); use 'distilled'")
+
+
+def load_params(path: Path | str = "params.yaml", check_methods: bool = True) -> Params:
+    """Load and validate a params file. Raises ConfigError (one line) on any problem. check_methods=False skips the
+    pipeline.methods check (`dd methods --yaml` prints its replacement)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: params file not found (pass --params PATH, default ./params.yaml)")
@@ -304,4 +344,18 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         if name not in settings:
             raise ConfigError(f"{file}: key 'pipeline.settings[{i}]' names unknown setting '{name}' "
                               f"(known: {', '.join(settings)})")
-    return Params(path=file, tracking=tracking, pipeline=pipeline, settings=settings)
+    params = Params(path=file, tracking=tracking, pipeline=pipeline, settings=settings)
+    if pipeline.num_threads < 0:
+        raise ConfigError(f"{file}: key 'pipeline.num_threads' must be >= 0 (0 = every core)")
+    if pipeline.methods is not None and check_methods:
+        from dd.methods import sample_jobs
+
+        want = sample_jobs(params)
+        if pipeline.methods != want:
+            extra = sorted(set(pipeline.methods) - set(want))
+            missing = sorted(set(want) - set(pipeline.methods))
+            detail = (f"missing {missing[:4]}" if missing else "") + (f" unexpected {extra[:4]}" if extra else "")
+            raise ConfigError(f"{file}: key 'pipeline.methods' does not list exactly the methods of "
+                              f"pipeline.settings ({detail.strip() or 'entries differ'}); regenerate it with "
+                              f"`python -m dd methods --params {file} --yaml` and paste it under pipeline")
+    return params

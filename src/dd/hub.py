@@ -54,7 +54,7 @@ from dd.errors import StageError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("vq", "teacher", "dd", "fid_stat", "text_encoder")
+KINDS = ("vq", "teacher", "dd", "fid_stat", "text_encoder", "eval_net", "ref_batch")
 
 # How the weights sit inside each file (reference/{var,llamagen}-architecture.md, dd-paper.md §5.2):
 #   plain        the file is the state_dict itself (VAR teachers and VQVAE, LlamaGen FSDP checkpoints);
@@ -66,7 +66,8 @@ KINDS = ("vq", "teacher", "dd", "fid_stat", "text_encoder")
 #   dd_llamagen  ckpt['ema'] (EMA, the official README passes --ema) or ckpt['model'] (raw weights)
 #   fid_stat     {'m': mean (D,), 's': covariance (D, D)} as tensors or numpy arrays
 #   hf_folder    one file of a Hugging Face model folder (FOLDERS), read by transformers, not load_checkpoint
-LAYOUTS = ("plain", "model", "dd_var", "dd_llamagen", "fid_stat", "hf_folder")
+#   npz          a numpy .npz archive (the ADM reference batch), read with np.load(allow_pickle=False)
+LAYOUTS = ("plain", "model", "dd_var", "dd_llamagen", "fid_stat", "hf_folder", "npz")
 _TEACHER_KEYS = ("model", "module", "state_dict")
 
 # Data-only classes that released training dicts may contain besides tensors: LlamaGen's training
@@ -101,6 +102,7 @@ class Artifact:
     description: str
     size: int | None = None  # bytes, when known
     sha256: str | None = None  # lowercase hex, when known
+    download_url: str | None = None  # a file hosted outside the Hugging Face Hub (plain HTTPS download)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -112,7 +114,7 @@ class Artifact:
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+        return self.download_url or f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
 
     @property
     def basename(self) -> str:
@@ -201,6 +203,27 @@ FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The evaluation's networks and reference data, hosted outside the Hub (dd.evaluate fetches them into
+# checkpoints/eval/). Kept apart from ARTIFACTS, whose entries are all Hugging Face checkpoints.
+EVAL_ARTIFACTS: dict[str, Artifact] = _registry(
+    Artifact(name="pytorch-fid-inception", repo_id="mseitzer/pytorch-fid",
+             filename="pt_inception-2015-12-05-6726825d.pth",
+             kind="eval_net", load_layout="plain",
+             download_url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                          "pt_inception-2015-12-05-6726825d.pth",
+             description="pytorch-fid's InceptionV3 FID weights (the TF 2015-12-05 Inception ported; 1008-way fc "
+                         "included): the feature network of the official DD FID (pool3, 2048-d) and, through its fc "
+                         "weights, of the Inception Score. clean-fid's legacy_pytorch mode downloads the same file."),
+    Artifact(name="adm-ref-imagenet256", repo_id="openai/guided-diffusion", filename="VIRTUAL_imagenet256_labeled.npz",
+             kind="ref_batch", load_layout="npz",
+             download_url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                          "VIRTUAL_imagenet256_labeled.npz",
+             description="The ADM evaluator's ImageNet 256x256 reference batch (arr_0: 10,000 uint8 images): the "
+                         "reference set of precision/recall (k=3) in the ADM evaluator (openai/guided-diffusion "
+                         "evaluations/)."),
+)
+
+
 # ---------------------------------------------------------------------------------------- fetch
 
 def fetch(name: str | Artifact, dest_dir: Path | str, cache_dir: Path | str | None = None,
@@ -223,6 +246,8 @@ def fetch(name: str | Artifact, dest_dir: Path | str, cache_dir: Path | str | No
 
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour it also when set later.
     offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or hf_constants.is_offline_mode()
+    if art.download_url:
+        return _download_url(art, dest, offline)
     try:
         cached = Path(hf_hub_download(
             art.repo_id, art.filename,
@@ -258,12 +283,36 @@ def fetch_folder(name: str, dest_dir: Path | str, cache_dir: Path | str | None =
     return folder
 
 
+def _download_url(art: Artifact, dest: Path, offline: bool) -> Path:
+    """A file hosted outside the Hub: plain HTTPS download under a temporary name, renamed when complete."""
+    if offline:
+        raise HubError(_unavailable_message(art, dest, OSError("offline"), True, None))
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(art.url, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.replace(tmp, dest)
+    except OSError as err:  # urllib.error.URLError and socket timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise HubError(_unavailable_message(art, dest, err, False, None)) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _verify(dest, art)
+    log.info("%s: downloaded %s", art.name, dest)
+    return dest
+
+
 def _resolve(name: str | Artifact) -> Artifact:
     if isinstance(name, Artifact):
         return name
-    if name not in ARTIFACTS:
-        raise HubError(f"unknown artifact {name!r}; known artifacts: {', '.join(sorted(ARTIFACTS))}")
-    return ARTIFACTS[name]
+    registry = {**ARTIFACTS, **EVAL_ARTIFACTS}
+    if name not in registry:
+        raise HubError(f"unknown artifact {name!r}; known artifacts: {', '.join(sorted(registry))}")
+    return registry[name]
 
 
 def _env_true(var: str) -> bool:
@@ -272,7 +321,8 @@ def _env_true(var: str) -> bool:
 
 def _unavailable_message(art: Artifact, dest: Path, err: Exception, offline: bool, cache_dir) -> str:
     if offline:
-        reason = "HF_HUB_OFFLINE=1 is set and the file is not in the Hugging Face cache"
+        reason = ("HF_HUB_OFFLINE=1 is set" if art.download_url else
+                  "HF_HUB_OFFLINE=1 is set and the file is not in the Hugging Face cache")
     elif isinstance(err, GatedRepoError):
         reason = (f"the repository {art.repo_id} is gated: accept its terms on https://huggingface.co/"
                   f"{art.repo_id} and pass token= (or set HF_TOKEN)")
@@ -390,6 +440,8 @@ def load_checkpoint(path: Path | str, layout: str, ema: bool | None = None) -> d
     if recorded is not None and (actual := sha256_of(path)) != recorded:
         raise _mismatch(path, "sha256", recorded, actual, f"recorded in {sidecar_path(path).name}")
 
+    if layout == "npz":
+        return _npz(path)
     ckpt = _torch_load(path)
     use_ema = ema is None or ema
     if layout == "fid_stat":
@@ -489,6 +541,14 @@ def _fid_stat(path: Path, ckpt) -> dict[str, torch.Tensor]:
         raise HubError(f"{path}: FID statistic shapes do not fit: 'm' {tuple(m.shape)} should be (D,) and "
                        f"'s' {tuple(s.shape)} should be (D, D)")
     return {"m": m, "s": s}
+
+
+def _npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: torch.from_numpy(archive[key]) for key in archive.files}
+    except (OSError, ValueError, EOFError) as err:
+        raise HubError(_unreadable(path, err).replace("torch checkpoint", "numpy .npz archive")) from err
 
 
 def load_artifact(name: str | Artifact, dest_dir: Path | str, ema: bool | None = None,

@@ -187,44 +187,153 @@ def _save_shard(work: Path, index: int, shard: dict, setting: Setting) -> dict:
     return {"index": index, "file": final.name, "count": int(shard["labels"].shape[0]), "sha256": sha}
 
 
-def run_pairs_stage(params: Params, setting: Setting, device: str | None = None) -> Path:
-    """Make (or finish) results/<setting>/pairs/; returns its path."""
+def parts_dir(params: Params, setting: Setting) -> Path:
+    """results/<setting>/pairs.parts/: the shard ranges made by separate jobs (`dd pairs --shards a:b`)."""
+    return pairs_dir(params, setting).with_name("pairs.parts")
+
+
+def part_name(start: int, stop: int) -> str:
+    return f"shards-{start:05d}-{stop:05d}"
+
+
+def parse_shards(text: str) -> tuple[int, int]:
+    """'a:b' -> (a, b): shards a .. b-1."""
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise StageError(f"--shards {text!r}: expected START:STOP (shard indices, STOP exclusive), e.g. 0:10") from None
+    return start, stop
+
+
+def run_pairs_stage(params: Params, setting: Setting, device: str | None = None,
+                    shards: tuple[int, int] | None = None) -> Path:
+    """Make (or finish) results/<setting>/pairs/; returns its path. With shards=(a, b), make only shards a .. b-1
+    into results/<setting>/pairs.parts/shards-a-b/ (an independent job: N jobs or N GPUs split one pair set;
+    `merge_pairs` joins the parts into pairs/, byte-identical to a single run on the same device)."""
     device = torch.device(device or default_device())
-    final = pairs_dir(params, setting)
-    work = final.with_name(final.name + ".partial")
     teacher = load_teacher(setting, teacher_dir(params, setting), device)
     plan = plan_of(setting, teacher, device)
     p = setting.pairs
     counts = [min(p.shard_size, p.num_pairs - i * p.shard_size) for i in range(plan["num_shards"])]
+    if shards is None:
+        final, indices, run_plan, label = pairs_dir(params, setting), range(len(counts)), plan, "pairs"
+    else:
+        start, stop = shards
+        if not 0 <= start < stop <= len(counts):
+            raise StageError(f"--shards {start}:{stop}: {setting.name} has shards 0:{len(counts)} "
+                             f"({p.num_pairs} pairs of {p.shard_size}); give START < STOP within them")
+        final = parts_dir(params, setting) / part_name(start, stop)
+        indices, run_plan, label = range(start, stop), {**plan, "shard_range": [start, stop]}, f"pairs {start}:{stop}"
+    work = final.with_name(final.name + ".partial")
+    total = sum(counts[i] for i in indices)
 
-    with stage_run(params, setting, "pairs", {"pairs.device": device.type}) as mlflow:
+    with stage_run(params, setting, "pairs", {"pairs.device": device.type, "pairs.shards": label}) as mlflow:
         work.mkdir(parents=True, exist_ok=True)
         with _exclusive(work):
-            done = _resume(work, plan)
+            done = _resume(work, run_plan)
             resumed = sum(counts[i] for i in done)
             if done:
-                print(f"[pairs] {setting.name}: resuming, {len(done)} of {len(counts)} shards "
+                print(f"[pairs] {setting.name}: resuming, {len(done)} of {len(indices)} shards "
                       f"({resumed} pairs) already done", flush=True)
             started, made = time.perf_counter(), 0
-            with tqdm(total=p.num_pairs, initial=resumed, desc=f"[pairs] {setting.name}", unit="pair",
+            with tqdm(total=total, initial=resumed, desc=f"[{label}] {setting.name}", unit="pair",
                       smoothing=0.1) as bar:
-                for index, count in enumerate(counts):
+                for index in indices:
                     if index in done:
                         continue
+                    count = counts[index]
                     shard_started = time.perf_counter()
                     shard = make_shard(teacher, setting, index, count, progress=bar)
                     done[index] = _save_shard(work, index, shard, setting)
-                    _write_manifest(work, plan, done, complete=False)
+                    _write_manifest(work, run_plan, done, complete=False)
                     made += count
                     seconds = time.perf_counter() - shard_started
                     mlflow.log_metrics({"pairs.shard_pairs_per_s": count / seconds, "pairs.done": resumed + made},
                                        step=index)
             seconds = time.perf_counter() - started
-            _write_manifest(work, plan, done, complete=True)
+            _write_manifest(work, run_plan, done, complete=True)
         _publish(work, final)
-        mlflow.log_metrics({"pairs.total": p.num_pairs, "pairs.made_this_run": made, "pairs.resumed": resumed,
+        mlflow.log_metrics({"pairs.total": total, "pairs.made_this_run": made, "pairs.resumed": resumed,
                             "pairs.seconds": seconds, "pairs.pairs_per_s": made / seconds if made else 0.0})
         mlflow.log_artifact(str(final / MANIFEST))
+    if shards is not None:
+        print(f"[pairs] {setting.name}: shards {shards[0]}:{shards[1]} ({total} pairs) -> {final}; join the parts "
+              f"with `python -m dd pairs --setting {setting.name} --merge`", flush=True)
+        return final
     print(f"[pairs] {setting.name}: {p.num_pairs} pairs in {len(counts)} shards -> {final} "
           f"({made} made in {seconds:.1f}s" + (f", {made / seconds:.2f} pairs/s" if made else "") + ")", flush=True)
     return final
+
+
+def merge_pairs(params: Params, setting: Setting) -> Path:
+    """Join the finished parts of pairs.parts/ into pairs/ (the manifest a single run would have written). Refuses
+    parts made with another plan (params, teacher, device, torch) than each other or the current params, overlaps
+    and gaps (naming the missing shards), and shards whose bytes do not match their part's record."""
+    from dd.atomic import atomic_dir
+
+    folder = parts_dir(params, setting)
+    parts = sorted(d for d in folder.glob("shards-*") if d.is_dir() and not d.name.endswith(".partial")) \
+        if folder.is_dir() else []
+    if not parts:
+        raise StageError(f"{folder}: no finished parts to merge; make them with `python -m dd pairs --setting "
+                         f"{setting.name} --shards START:STOP`")
+    manifests = []
+    for part in parts:
+        try:
+            manifest = json.loads((part / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise StageError(f"{part / MANIFEST}: unreadable ({err}); remake that part") from err
+        if not manifest.get("complete") or "shard_range" not in manifest:
+            raise StageError(f"{part / MANIFEST}: not a finished shard-range part; remake that part")
+        manifests.append(manifest)
+    plan = {k: v for k, v in manifests[0].items() if k not in ("shards", "complete", "shard_range")}
+    p = setting.pairs
+    wanted = {"setting": setting.name, "num_pairs": p.num_pairs, "shard_size": p.shard_size, "batch_size": p.batch_size,
+              "seed": p.seed, "teacher_sampling": dataclasses.asdict(setting.teacher_sampling),
+              "flow": {"solver": dict(setting.flow.solver)}}
+    stale = sorted(k for k, v in wanted.items() if plan.get(k) != v)
+    if stale:
+        raise StageError(f"{parts[0]}: made with other params ({', '.join(stale)}) than params.yaml; delete {folder} "
+                         f"and remake the parts")
+    owner = {}
+    for part, manifest in zip(parts, manifests):
+        other = {k: v for k, v in manifest.items() if k not in ("shards", "complete", "shard_range")}
+        if other != plan:
+            changed = sorted(k for k in set(plan) | set(other) if plan.get(k) != other.get(k))
+            raise StageError(f"{part}: made with another plan than {parts[0]} ({', '.join(changed)}); every part "
+                             f"must come from the same teacher, device and torch; remake it")
+        for entry in manifest["shards"]:
+            if entry["index"] in owner:
+                raise StageError(f"{part}: shard {entry['index']} is also in {owner[entry['index']][0]}; "
+                                 f"remove one of the overlapping parts")
+            owner[entry["index"]] = (part, entry)
+    missing = [i for i in range(plan["num_shards"]) if i not in owner]
+    if missing:
+        raise StageError(f"{folder}: shards {_ranges(missing)} of 0:{plan['num_shards']} are not made yet; run "
+                         f"`python -m dd pairs --setting {setting.name} --shards START:STOP` for them")
+    final = pairs_dir(params, setting)
+    with stage_run(params, setting, "pairs", {"pairs.merged_parts": len(parts)}) as mlflow:
+        with atomic_dir(final) as out:
+            for index in sorted(owner):
+                part, entry = owner[index]
+                if hub.sha256_of(part / entry["file"]) != entry["sha256"]:
+                    raise StageError(f"{part / entry['file']}: bytes do not match its part's manifest; remake "
+                                     f"{part.name}")
+                os.link(part / entry["file"], out / entry["file"])
+            _write_manifest(out, plan, {i: owner[i][1] for i in owner}, complete=True)
+        mlflow.log_metrics({"pairs.total": p.num_pairs, "pairs.parts": len(parts)})
+        mlflow.log_artifact(str(final / MANIFEST))
+    shutil.rmtree(folder)
+    print(f"[pairs] {setting.name}: merged {len(parts)} parts ({p.num_pairs} pairs, {plan['num_shards']} shards) "
+          f"-> {final}", flush=True)
+    return final
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0:3, 5:6' (START:STOP, STOP exclusive)."""
+    out, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1:
+            out.append(f"{start}:{prev + 1}")
+            start = cur
+    return ", ".join(out)

@@ -30,7 +30,6 @@ draws use one generator per batch, seeded by (seed, first index of the batch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -39,67 +38,9 @@ import torch.nn.functional as F
 from dd.models.dd_llamagen import LlamaGenDD
 from dd.models.dd_var import VARDD
 from dd.teacher import Teacher
-
-
-# --------------------------------------------------------------------------------------------------
-# Methods (named presets)
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Method:
-    """One sampling recipe. teacher_start None = pure DD steps; otherwise teacher-involved (t_list = (0, t2))."""
-    name: str
-    t_list: tuple[int, ...]
-    split: int
-    teacher_start: int | None = None
-
-    def __post_init__(self):
-        if not self.t_list or self.t_list[0] != 0 or list(self.t_list) != sorted(set(self.t_list)):
-            raise ValueError(f"sampling method {self.name!r}: t_list must start at 0 and increase, got {self.t_list}")
-        if self.teacher_start is not None:
-            if len(self.t_list) != 2:
-                raise ValueError(f"sampling method {self.name!r}: teacher-involved sampling needs t_list = (0, t2), "
-                                 f"got {self.t_list}")
-            if not 0 <= self.teacher_start < self.t_list[1]:
-                raise ValueError(f"sampling method {self.name!r}: teacher_start must lie in [0, t2={self.t_list[1]}),"
-                                 f" got {self.teacher_start}")
-
-    @property
-    def network_steps(self) -> int:
-        """Forward passes per image (the paper's #Step): DD steps + teacher AR steps."""
-        if self.teacher_start is None:
-            return len(self.t_list)
-        return (1 if self.teacher_start > 0 else 0) + (self.t_list[1] - self.teacher_start) + 1
-
-
-def pretrained_name(teacher_start: int, t2: int) -> str:
-    """The paper's 1-based name: the teacher regenerates units teacher_start+1 .. t2 (n .. m-1)."""
-    return f"pre-trained-{teacher_start + 1}-{t2 + 1}"
-
-
-# Table 2 (reference/dd-paper.md §5.1): (teacher_start, split) per row; t_list (0, 5) / (0, 80).
-TABLE2 = {
-    "var-d16": {"t_list": (0, 5), "rows": [(4, 5), (3, 8), (0, 9)]},          # 3, 4, 6 steps
-    "llamagen-l": {"t_list": (0, 80), "rows": [(60, 180), (40, 180), (0, 220)]},  # 22, 42, 81 steps
-}
-
-
-def methods_for(setting_name: str, t_list, split: int) -> dict[str, Method]:
-    """The named sampling methods of a setting: dd-1step, dd-2step (the distill t_list and split), the paper's
-    Table 2 teacher-involved rows where the setting has them, else one teacher-involved method in which the
-    teacher makes the whole prefix up to t2 (pre-trained-1-{t2+1})."""
-    t_list = tuple(int(t) for t in t_list)
-    methods = {"dd-1step": Method("dd-1step", t_list[:1], split)}
-    if len(t_list) > 1:
-        methods["dd-2step"] = Method("dd-2step", t_list[:2], split)
-        rows = TABLE2.get(setting_name)
-        if rows is not None and rows["t_list"] == t_list[:2]:
-            for start, row_split in rows["rows"]:
-                name = pretrained_name(start, t_list[1])
-                methods[name] = Method(name, t_list[:2], row_split, teacher_start=start)
-        else:
-            name = pretrained_name(0, t_list[1])
-            methods[name] = Method(name, t_list[:2], split, teacher_start=0)
-    return methods
+# The named methods (table order) live in dd.methods, torch-free, so that config.py and the Snakefile can list them.
+from dd.methods import (TABLE2, Method, OneStepMethod, TeacherMethod, all_methods, method_names,  # noqa: F401
+                        methods_for, pretrained_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,15 +233,19 @@ def teacher_generator(device, seed: int, first_index: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_batches(student: StudentOps, method: Method, labels: torch.Tensor, seed: int, batch_size: int,
-                   teacher: Teacher | None = None, decode: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+                   teacher: Teacher | None = None, decode: bool = True,
+                   first_index: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first index, images (B, 3, H, W) in [-1, 1]) — or the sequences (B, L, C) with decode=False —
-    for all labels, batch by batch. Deterministic given (seed, labels, batch_size)."""
+    for all labels, batch by batch. Deterministic given (seed, labels, batch_size, first_index). `labels` are
+    those of samples first_index, first_index + 1, ... (a slice of a larger run: the sample stage's shards);
+    the yielded indices count from first_index."""
     if batch_size < 1:
         raise ValueError(f"sample_batches: batch_size must be >= 1, got {batch_size}")
     if decode and teacher is None:
         raise ValueError("sample_batches: decoding needs teacher= (its tokenizer decodes the sequences)")
-    for start in range(0, labels.shape[0], batch_size):
-        batch_labels = labels[start:start + batch_size].to(student.device)
+    for offset in range(0, labels.shape[0], batch_size):
+        batch_labels = labels[offset:offset + batch_size].to(student.device)
+        start = first_index + offset
         noise = sample_noise(student, range(start, start + batch_labels.shape[0]), seed)
         generator = None
         if method.teacher_start is not None:
@@ -317,3 +262,43 @@ def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> fl
     if images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return (classify(classifier, images.cpu()) == labels.cpu()).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# onestep*: per-position, per-class token frequencies (no network)
+# --------------------------------------------------------------------------------------------------
+class TokenFrequencies:
+    """The onestep* baseline (dd.methods): each position of a class-c sample drawn independently from the
+    frequencies of the tokens at that position among the class-c sequences of a data set (the pairs).
+
+    Drawing a token from the empirical frequencies of position p = taking position p of a uniformly drawn class-c
+    sequence, so the (classes, L, V) count table is never built (1000 x 680 x 4096 for VAR-d16): the sequences are
+    kept sorted by class and each position draws its own row. Sample i depends only on (seed, i)."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        if tokens.dim() != 2 or labels.shape != tokens.shape[:1]:
+            raise ValueError(f"TokenFrequencies: need tokens (N, L) and labels (N,), got {tuple(tokens.shape)} and "
+                             f"{tuple(labels.shape)}")
+        order = torch.sort(labels.long(), stable=True).indices
+        self.tokens = tokens[order]
+        self.counts = torch.bincount(labels.long(), minlength=num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.num_classes = num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def sample(self, labels: torch.Tensor, indices, seed: int) -> torch.Tensor:
+        """Token indices (B, L) int64 for samples `indices` of classes `labels`."""
+        labels = labels.cpu().long()
+        empty = [int(c) for c in labels.unique() if self.counts[c] == 0]
+        if empty:
+            raise ValueError(f"onestep: no sequence of class(es) {empty[:5]} in the frequency data; make more pairs")
+        positions = torch.arange(self.seq_len)
+        rows = []
+        for label, index in zip(labels.tolist(), indices):
+            generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + int(index))
+            pick = torch.randint(int(self.counts[label]), (self.seq_len,), generator=generator)
+            rows.append(self.tokens[self.starts[label] + pick, positions])
+        return torch.stack(rows).long()

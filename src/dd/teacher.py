@@ -206,6 +206,20 @@ class Teacher(abc.ABC):
         """Continuous tokens (B, L, C) -> images (B, 3, H, W) in [-1, 1]; differentiable in x (the
         tokenizer's weights are frozen), as DD's perceptual loss needs."""
 
+    @torch.no_grad()
+    def decode_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token indices of the first whole AR steps (B, l) -> images (B, 3, H, W) in [-1, 1], the steps not
+        run contributing nothing to the decoded latent (the skip-n baselines, dd.methods): VAR decodes the
+        partial f_hat of its first scales, LlamaGen its latent grid with zero vectors at the missing positions."""
+        self.step_of(tokens.shape[1], "decode_prefix: token prefix")
+        if tokens.shape[1] == self.num_tokens:
+            return self.decode_tokens(tokens)
+        return self._decode_prefix(tokens)
+
+    @abc.abstractmethod
+    def _decode_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """decode_prefix on a checked proper prefix."""
+
     # ------------------------------------------------------------------------------ checks
     def _check_condition(self, cond):
         """Labels or Captions, whichever this teacher takes, on its device; one clear error otherwise."""
@@ -263,6 +277,12 @@ class VarTeacher(Teacher):
         self._check_sequence(x, "VarTeacher.decode_embeddings", (self.token_dim,))
         return self.tokenizer.fhat_to_img(self.tokenizer.tokens_to_fhat(x))
 
+    def _decode_prefix(self, tokens):
+        steps = self.step_of(tokens.shape[1])
+        h_list = [self.tokenizer.quantize.idx_to_h(k, idx)
+                  for k, idx in enumerate(tokens.split(self.schedule[:steps], dim=1))]
+        return self.tokenizer.fhat_to_img(self.tokenizer.embed_to_fhat(h_list, last_one=True))
+
 
 class LlamaGenTeacher(Teacher):
     """LlamaGen GPT (raster order, one token per step) + its VQ tokenizer; class labels for a c2i GPT,
@@ -305,6 +325,11 @@ class LlamaGenTeacher(Teacher):
 
     def decode_embeddings(self, x):
         self._check_sequence(x, "LlamaGenTeacher.decode_embeddings", (self.token_dim,))
+        return self.tokenizer.decode(self._grid(x)).clamp(-1, 1)
+
+    def _decode_prefix(self, tokens):
+        x = self.codebook.new_zeros(tokens.shape[0], self.num_tokens, self.token_dim)
+        x[:, :tokens.shape[1]] = self.codebook[tokens]
         return self.tokenizer.decode(self._grid(x)).clamp(-1, 1)
 
 

@@ -12,7 +12,8 @@ Steps (all inside one MLflow run and one atomic output folder):
      the fraction of teacher samples (the setting's teacher_sampling, uniform labels, fixed seed) that the
      classifier assigns to their conditioning class.
 
-The folder gets tokenizer.safetensors, teacher.safetensors, classifier.safetensors, teacher.json (the
+The folder gets tokenizer.safetensors, teacher.safetensors, classifier.safetensors, judge.safetensors (the
+evaluate stage's independent toy judge, dd.judge; nothing here or later trains on it), teacher.json (the
 exact constructor kwargs to rebuild both models: see `build_models` / `load_toy_teacher`), metrics.json,
 reconstructions.png and samples.png. With gates.enforce a failed gate raises StageError and no folder
 is created.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dd import data
+from dd import data, judge
 from dd.atomic import atomic_dir, write_json
 from dd.config import Params, Setting
 from dd.errors import StageError
@@ -45,7 +46,7 @@ from dd.tracking import stage_run
 
 FILES = {"tokenizer": "tokenizer.safetensors", "teacher": "teacher.safetensors",
          "classifier": "classifier.safetensors", "samples": "samples.png",
-         "reconstructions": "reconstructions.png", "metrics": "metrics.json"}
+         "reconstructions": "reconstructions.png", "metrics": "metrics.json", "judge": judge.FILE}
 AUGMENT_SHIFT = 2  # px; tokenizer training, shifted token copies; the classifier uses the same shifts
 RESTART_EVERY = 20  # tokenizer steps between dead-code restarts
 WARMUP_FRACTION = 0.05  # of the optimiser steps: linear warm-up, then cosine decay to zero
@@ -453,6 +454,12 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     metrics["classifier_accuracy"] = clf_metrics["test_accuracy"]
     metrics["classifier.train_accuracy"] = clf_metrics["train_accuracy"]
     t = timed("classifier", t)
+
+    # 1b. the toy judge of the evaluate stage (dd.judge): own architecture and seed; no training step reads it
+    judge_model, judge_metrics = judge.train_judge(setting.image_size, epochs=train.judge_epochs)
+    judge.save_judge(judge_model, out / FILES["judge"], judge_metrics)
+    metrics["judge.test_accuracy"] = judge_metrics["test_accuracy"]
+    t = timed("judge", t)
 
     # 2. tokenizer
     tokenizer, ar_model = build_models(setting.family, tok_kwargs, model_kwargs)

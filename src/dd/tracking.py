@@ -1,5 +1,6 @@
-"""MLflow helpers: every stage opens one run named `<setting>/<stage>` in the experiment of
-params.yaml, logs its settings as params, its numbers as metrics and its pictures as artifacts.
+"""MLflow helpers: every stage opens one run named `<setting>/<stage>` in the setting's own experiment
+`<tracking.experiment>/<setting>` (e.g. `distilled-decoding/toy-var`), logs its settings as params, its numbers
+as metrics and its pictures as artifacts.
 
 The tracking URI comes from params.yaml (`tracking.mlflow_uri`, default sqlite:///mlflow.db next to
 params.yaml); the MLFLOW_TRACKING_URI environment variable overrides it. Browse with
@@ -46,6 +47,11 @@ def _git_commit() -> str | None:
         return None
 
 
+def experiment_name(params: Params, setting: Setting) -> str:
+    """One experiment per setting: the runs of a setting's stages sit together in the MLflow UI."""
+    return f"{params.tracking.experiment}/{setting.name}"
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, setting: Setting, stage: str, extra_params: dict | None = None):
     """Open an MLflow run for one stage of one setting; yields the mlflow module.
@@ -61,9 +67,9 @@ def stage_run(params: Params, setting: Setting, stage: str, extra_params: dict |
         # Parallel stages (snakemake --cores N) may all open a new mlflow.db at once; its schema
         # migration is not safe under concurrency ("duplicate column name"), so serialise it.
         with FileLock(uri[len("sqlite:///"):] + ".lock"):
-            mlflow.set_experiment(params.tracking.experiment)
+            mlflow.set_experiment(experiment_name(params, setting))
     else:
-        mlflow.set_experiment(params.tracking.experiment)
+        mlflow.set_experiment(experiment_name(params, setting))
     import torch
 
     # Float reductions depend on the thread count, so two runs of one commit and seed agree bit for bit

@@ -16,6 +16,7 @@ rule distill:
     input:
         teacher="results/{setting}/teacher",
         pairs="results/{setting}/pairs",
+        code=CODE["distill"],
     output:
         directory("results/{setting}/student"),
     params:
@@ -27,4 +28,4 @@ rule distill:
     resources:
         gpu=lambda wildcards: 1 if config["settings"][wildcards.setting]["paper_row"] else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"
+        "{params.command} distill --setting {wildcards.setting} 2>&1 | tee {log}"

@@ -1,5 +1,7 @@
 # Teacher stage: download the official checkpoints (paper rows) or train the toy teacher.
 rule teacher:
+    input:
+        code=CODE["teacher"],
     output:
         directory("results/{setting}/teacher"),
     params:
@@ -10,4 +12,4 @@ rule teacher:
     resources:
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={threads} {DD} teacher --setting {wildcards.setting} 2>&1 | tee {log}"  # bash pipefail: a failing stage fails the job
+        "{DD} teacher --setting {wildcards.setting} 2>&1 | tee {log}"  # bash pipefail: a failing stage fails the job
