@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from dd.models.dd_var import VARDD
 from dd.models.var import VAR, filter_logits, var_config_for_depth
 from dd.models.var_vqvae import VQVAE, phi_index_per_scale
+from fixture_env import recorded_numerics, require_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("DD_FIXTURES_VAR", REPO_ROOT.parent / "shared" / "fixtures" / "var"))
@@ -97,8 +98,7 @@ class Fixtures:
 
 @pytest.fixture(scope="module")
 def fx():
-    if not FIXTURES.is_dir():
-        pytest.skip(ABSENT)
+    require_folder(FIXTURES, "DD_FIXTURES_VAR")
     return Fixtures(FIXTURES)
 
 
@@ -377,7 +377,7 @@ def replay_for(io_name: str, call: dict):
 def test_replay_official_call(fx, io_name, call):
     replay = replay_for(io_name, call)
     assert replay is not None, f"fixture call {io_name}:{call['name']} has no replay here: add one"
-    with torch.no_grad():
+    with torch.no_grad(), recorded_numerics(fx.config.get("deterministic")):
         replay(fx, fx.io[io_name], call)
 
 
