@@ -202,7 +202,7 @@ class VarTeacher(Teacher):
         s = self.sampling
         prefix_idx = [] if prefix is None else list(prefix.split(self.schedule[:prefix_steps], dim=1))
         # VAR.sample also decodes the image when it runs every scale; the tokens are what we return.
-        _, idx_list = self.model.sample(self.tokenizer, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+        _, idx_list = self.model.sample(self.tokenizer, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.var_top_p(),
                                         temperature=s.temperature, generator=generator, draw=draw,
                                         prefix_idx=prefix_idx, end_scale=num_steps)
         return torch.cat(idx_list, dim=1)

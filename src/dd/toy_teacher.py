@@ -246,7 +246,7 @@ class VarToy:
     @torch.no_grad()
     def sample(self, labels, sampling, generator):
         images, _ = self.teacher.sample(self.tokenizer, labels, cfg=sampling.cfg, top_k=sampling.top_k,
-                                        top_p=sampling.top_p, temperature=sampling.temperature,
+                                        top_p=sampling.var_top_p(), temperature=sampling.temperature,
                                         generator=generator)
         return images * 2 - 1  # VAR returns [0, 1]
 
