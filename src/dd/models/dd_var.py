@@ -7,7 +7,9 @@ sequence: a continuous prediction [B, L, Cvae] and logits [B, L, V]. State_dict 
   carries teacher token p (L' = L + 1, S + 1 levels);
 * attention mask: a position sees all strictly earlier levels and itself, not the other tokens of its scale;
 * a noise/data embedding `n_d_embed` (1 = class token and given scales, 0 = noise scales), projected per block by
-  `layerwise_n_d_embed[i]` and added between attention and FFN; the last projection precedes the output heads;
+  `layerwise_n_d_embed[i]` and added between attention and FFN; the last projection precedes the output heads
+  (official layerwise_n_d_embed=True, every release; with False the raw embedding is added at those places and
+  the state_dict has no layerwise_n_d_embed.*; the official n_d_embed_enable=False crashes, so it has no twin);
 * a PixArt-style final layer (`final_layer_conti`) for the continuous output; no class dropout, no CFG.
 Facts: ../shared/reference/var-architecture.md §4.
 """
@@ -43,8 +45,9 @@ class FinalLayer(nn.Module):
 
 
 class VARDD(nn.Module):
-    def __init__(self, config: VARConfig):
-        """`config` is the teacher's VARConfig (same width, depth, patch_nums); cond_drop_rate is not used."""
+    def __init__(self, config: VARConfig, layerwise_n_d_embed: bool = True):
+        """`config` is the teacher's VARConfig (same width, depth, patch_nums); cond_drop_rate is not used.
+        layerwise_n_d_embed: the official option of that name (True in every released checkpoint)."""
         super().__init__()
         self.config = config
         self.C = C = config.embed_dim
@@ -72,7 +75,8 @@ class VARDD(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, config.norm_eps)
         self.head = nn.Linear(C, self.V)
         self.n_d_embed = nn.Embedding(2, C)
-        self.layerwise_n_d_embed = nn.ModuleList([nn.Linear(C, C) for _ in range(config.depth + 1)])
+        self.layerwise_n_d_embed = (nn.ModuleList([nn.Linear(C, C) for _ in range(config.depth + 1)])
+                                    if layerwise_n_d_embed else None)
         self.final_layer_conti = FinalLayer(C, self.Cvae)
 
         # not in the checkpoint: the teacher scale of each teacher position, and the VQVAE codebook (attach_codebook)
@@ -144,12 +148,16 @@ class VARDD(nn.Module):
         n_d = self.n_d_embed((self.lvl_1L <= t[:, None]).long())        # [B, L + 1, C]
         h = h + n_d
         cond = self.shared_ada_lin(cond_BD)
-        for block, n_d_proj in zip(self.blocks, self.layerwise_n_d_embed):
-            h = block(h, cond, self.attn_bias_for_masking, n_d_emb=n_d_proj(n_d))
-        h = h + self.layerwise_n_d_embed[-1](n_d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, self.attn_bias_for_masking, n_d_emb=self._n_d_at(i, n_d))
+        h = h + self._n_d_at(len(self.blocks), n_d)
         x_BLV = self.head(self.head_nm(h, cond_BD))[:, 1:]
         x_BLCv = self.final_layer_conti(h, cond_BD)[:, 1:]
         return x_BLCv, x_BLV
+
+    def _n_d_at(self, place: int, n_d):
+        """The noise/data embedding added at block `place` (place = depth: before the heads)."""
+        return n_d if self.layerwise_n_d_embed is None else self.layerwise_n_d_embed[place](n_d)
 
     def perturb(self, x, t, noise=None, generator=None):
         """Keep scales < t of x, replace scales >= t by noise (a fresh N(0, I) draw when None)."""
