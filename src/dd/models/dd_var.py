@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dd.models.dd_common import FinalLayer, nearest_code
 from dd.models.var import (VAR, AdaLNBeforeHead, VARConfig, check_labels, init_var_weights, make_blocks,
                            make_shared_ada_lin, per_scale_pos_embedding, scale_index_per_position, trunc_normal_)
 
@@ -27,21 +28,6 @@ def student_attention_bias(levels: torch.Tensor) -> torch.Tensor:
     """[1, 1, L', L'] additive mask: 0 where level(query) > level(key) or query == key, -inf elsewhere."""
     allowed = (levels[:, None] > levels[None, :]) | torch.eye(len(levels), dtype=torch.bool)
     return torch.where(allowed, 0.0, -math.inf).reshape(1, 1, len(levels), len(levels))
-
-
-class FinalLayer(nn.Module):
-    """PixArt's T2IFinalLayer: LN (no affine), modulated by scale_shift_table + the raw class embedding
-    (row 0 = shift, row 1 = scale), then Linear(C, Cvae)."""
-
-    def __init__(self, embed_dim: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, embed_dim) / embed_dim ** 0.5)
-        self.linear = nn.Linear(embed_dim, out_channels)
-
-    def forward(self, x, cond_BD):
-        shift, scale = (self.scale_shift_table[None] + cond_BD[:, None]).chunk(2, dim=1)   # each [B, 1, C]
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
 class VARDD(nn.Module):
@@ -152,7 +138,7 @@ class VARDD(nn.Module):
             h = block(h, cond, self.attn_bias_for_masking, n_d_emb=self._n_d_at(i, n_d))
         h = h + self._n_d_at(len(self.blocks), n_d)
         x_BLV = self.head(self.head_nm(h, cond_BD))[:, 1:]
-        x_BLCv = self.final_layer_conti(h, cond_BD)[:, 1:]
+        x_BLCv = self.final_layer_conti(h, cond_BD[:, None])[:, 1:]
         return x_BLCv, x_BLV
 
     def _n_d_at(self, place: int, n_d):
@@ -168,11 +154,8 @@ class VARDD(nn.Module):
         return torch.where(self.noise_mask(t)[..., None], noise, x)
 
     def nearest_code(self, x):
-        """Index of the nearest codebook vector (squared L2) of each token [B, L, Cvae] -> [B, L], by one matmul
-        (||x||^2 - 2 x.c + ||c||^2) instead of the official [V, B, L, Cvae] difference tensor."""
-        codebook = self._require_codebook("nearest_code")
-        distance = x.square().sum(-1, keepdim=True) - 2 * x @ codebook.T + codebook.square().sum(-1)
-        return distance.argmin(dim=-1)
+        """Index of the nearest codebook vector (squared L2) of each token [B, L, Cvae] -> [B, L]."""
+        return nearest_code(x, self._require_codebook("nearest_code"))
 
     def final_predict(self, label_B, x_t, t):
         """Forward, then put the given scales (< t) back: continuous = the input, logits = 0 at the input's nearest
