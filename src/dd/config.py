@@ -66,6 +66,9 @@ class Teacher:
     tokenizer_artifact: str | None = None  # hub registry names (dd.hub.ARTIFACTS); hub source only
     model_artifact: str | None = None
     dd_artifact: str | None = None  # the released DD student, where one exists
+    # hub source only: pinned sha256 per role (tokenizer / model / dd), checked by `dd fetch` before the file is
+    # used; without a pin the hash seen at first download is recorded and re-checked (trust on first use)
+    sha256: dict[str, str] | None = None
     train: TeacherTrain | None = None  # train source only
     gates: Gates | None = None  # train source only
 
@@ -141,9 +144,6 @@ class Setting:
     distill: Distill
     sample: Sample
 
-    def results_dir(self, root: Path | str = "results") -> Path:
-        return Path(root) / self.name
-
 
 @dataclass(frozen=True)
 class Tracking:
@@ -162,6 +162,11 @@ class Params:
     tracking: Tracking
     pipeline: Pipeline
     settings: dict[str, Setting]
+
+    def stage_dir(self, setting: Setting, stage: str) -> Path:
+        """results/<setting>/<stage> next to the params file: where a stage writes (the paths Snakemake and
+        dvc.yaml declare, relative to the project root)."""
+        return self.path.parent / "results" / setting.name / stage
 
     def setting(self, name: str) -> Setting:
         if name not in self.settings:
@@ -298,6 +303,11 @@ def _validate_setting(s: Setting, file: Path):
     if t.source == "hub" and not (t.tokenizer_artifact and t.model_artifact):
         raise ConfigError(f"{file}: setting '{s.name}' downloads its teacher: set "
                           f"'{where}.teacher.tokenizer_artifact' and '{where}.teacher.model_artifact'")
+    for role, digest in (t.sha256 or {}).items():
+        if role not in ("tokenizer", "model", "dd"):
+            raise ConfigError(f"{file}: unknown key '{where}.teacher.sha256.{role}' (allowed here: tokenizer, model, dd)")
+        _require(isinstance(digest, str) and len(digest) == 64 and not set(digest) - set("0123456789abcdef"),
+                 file, f"{where}.teacher.sha256.{role}", digest, "64 lowercase hex digits (`sha256sum FILE`)")
     if t.source == "train" and (t.train is None or t.gates is None):
         raise ConfigError(f"{file}: setting '{s.name}' trains its teacher: set "
                           f"'{where}.teacher.train' and '{where}.teacher.gates'")
@@ -367,8 +377,8 @@ def _validate_setting(s: Setting, file: Path):
     require(len(d.betas) == 2 and all(0.0 <= b < 1.0 for b in d.betas), "distill.betas", d.betas,
             "two numbers in [0, 1)")
     require(0.0 <= d.ema_decay < 1.0, "distill.ema_decay", d.ema_decay, "[0, 1)")
-    require(0 <= d.warmup_steps <= d.max_steps, "distill.warmup_steps", d.warmup_steps,
-            f"[0, max_steps = {d.max_steps}]")
+    # a warm-up longer than the run is allowed: the rate then never reaches lr (micro test runs do this)
+    require(d.warmup_steps >= 0, "distill.warmup_steps", d.warmup_steps, "an integer >= 0")
     seed("distill.seed", d.seed)
     if d.perceptual not in ("lpips", "feature"):
         raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips' or 'feature' (got {d.perceptual!r})")
