@@ -103,7 +103,7 @@ BAD_VALUES = [
     ("toy-var", "distill.t_list", [0, 2, 2]), ("toy-var", "distill.split", 999), ("toy-var", "distill.split", -1),
     ("toy-llamagen", "distill.t_list", [0, 64]), ("toy-llamagen", "distill.split", 65),
     ("var-d16", "distill.t_list", [0, 10]), ("llamagen-b", "distill.split", 257),
-    ("toy-var", "distill.max_steps", 0), ("toy-var", "distill.warmup_steps", 601), ("toy-var", "distill.grad_clip", 0),
+    ("toy-var", "distill.max_steps", 0), ("toy-var", "distill.warmup_steps", -1), ("toy-var", "distill.grad_clip", 0),
     ("toy-var", "distill.weight_decay", -0.1), ("toy-var", "distill.betas", [0.9, 1.0]),
     ("toy-var", "distill.betas", [0.9]), ("toy-var", "distill.batch_size", 0), ("toy-var", "distill.seed", -1),
     ("toy-var", "distill.loss_weights", {"ce": -1.0}), ("toy-var", "distill.loss_weights", {"ce": 0.0, "perceptual": 0.0}),
@@ -122,6 +122,9 @@ BAD_VALUES = [
     ("toy-var", "teacher.train.teacher_lr", 0), ("toy-var", "teacher.train.num_threads", -1),
     ("toy-var", "teacher.train.teacher_epochs", 0), ("toy-var", "teacher.gates.sample_accuracy", 1.5),
     ("toy-var", "teacher.gates.num_samples", 0),
+    ("var-d16", "teacher.sha256", {"model": "abc"}), ("var-d16", "teacher.sha256", {"teacher": "0" * 64}),
+    ("toy-var", "teacher.tokenizer.vocab_size", 0), ("toy-var", "teacher.model.depth", -2),
+    ("toy-var", "teacher.tokenizer.patch_nums", [1, 4, 2]), ("toy-llamagen", "teacher.model.n_layer", 0),
 ]
 
 

@@ -278,6 +278,24 @@ def _require(ok: bool, file: Path, key: str, value, allowed: str):
         raise ConfigError(f"{file}: key '{key}' = {value!r} is out of range; allowed: {allowed}")
 
 
+def _check_architecture_value(file: Path, key: str, value):
+    """Architecture blocks are free-form here: sizes (integers, lists of them) must be positive, rates and
+    epsilons (floats) finite and >= 0, and patch_nums (VAR scales) strictly increasing."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if _integer(value):
+        _require(value > 0, file, key, value, "an integer > 0")
+    elif _number(value):
+        _require(value >= 0, file, key, value, "a finite number >= 0")
+    elif isinstance(value, float):
+        _require(False, file, key, value, "a finite number >= 0")
+    elif isinstance(value, list):
+        _require(bool(value) and all(_integer(v) and v > 0 for v in value), file, key, value,
+                 "a non-empty list of integers > 0")
+        if key.endswith(".patch_nums"):
+            _require(all(a < b for a, b in zip(value, value[1:])), file, key, value, "strictly increasing")
+
+
 def ar_steps(s: Setting) -> int | None:
     """Number of autoregressive steps of the setting's teacher (VAR: scales, LlamaGen: tokens), from its
     architecture block; None where only a preset names it (the distill stage checks against the built model)."""
@@ -303,6 +321,9 @@ def _validate_setting(s: Setting, file: Path):
     if t.source == "hub" and not (t.tokenizer_artifact and t.model_artifact):
         raise ConfigError(f"{file}: setting '{s.name}' downloads its teacher: set "
                           f"'{where}.teacher.tokenizer_artifact' and '{where}.teacher.model_artifact'")
+    for block in ("tokenizer", "model"):  # key names are checked by the model builders (dd.teacher)
+        for key, value in getattr(t, block).items():
+            _check_architecture_value(file, f"{where}.teacher.{block}.{key}", value)
     for role, digest in (t.sha256 or {}).items():
         if role not in ("tokenizer", "model", "dd"):
             raise ConfigError(f"{file}: unknown key '{where}.teacher.sha256.{role}' (allowed here: tokenizer, model, dd)")

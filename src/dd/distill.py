@@ -122,8 +122,8 @@ class ShardedPairs:
     reads only its rows from the memory-mapped shards, so the data set may exceed memory.
 
     Every shard is checked against the manifest before training (present, its sha256 (verify=False skips the
-    hash), readable with the manifest's row count): a bad shard is one StageError naming the file. `identity` is the sha256 of manifest.json,
-    which lists every shard's sha256, so it names the pairs' content."""
+    hash), readable with the manifest's row count): a bad shard is one StageError naming the file. `identity` is
+    the sha256 of manifest.json, which lists every shard's sha256, so it names the pairs' content."""
 
     def __init__(self, folder: Path | str, teacher: Teacher | None = None, verify: bool = True):
         folder = Path(folder)
@@ -139,7 +139,8 @@ class ShardedPairs:
             raise StageError(f"{manifest_path}: the pairs were made with another codebook than this teacher's; "
                              f"re-run `dd pairs --setting {self.manifest.get('setting')}`")
         setting = self.manifest.get("setting")
-        redo = f"delete it and re-run `dd pairs --setting {setting}` (it redoes only the bad shards)"
+        redo = (f"rename {folder.name}/ to {folder.name}.partial/ and re-run `dd pairs --setting {setting}`: it "
+                f"redoes only the shards that fail their sha256")
         self.shards = []
         for entry in tqdm(self.manifest["shards"], desc="[distill] verifying pair shards", unit="shard",
                           disable=len(self.manifest["shards"]) < 20):
@@ -507,8 +508,8 @@ def restore_checkpoint(accelerator, ckpt: dict, student, ema, optimizer, schedul
 
 
 def choose_checkpoint(work: Path, fingerprint: str, max_steps: int, process_index: int):
-    """The newest checkpoint of this run that reads back whole: (folder, ckpt) or (None, None), and the folders
-    to delete (unreadable ones newer than it; every one when none is resumable). A corrupt newest checkpoint
+    """(folder, ckpt, discard): the newest checkpoint of this run that reads back whole (None, None when there is
+    none) and the folders to delete (unreadable ones newer than it; every one when none is resumable). A corrupt newest checkpoint
     falls back to the previous one; one of another recipe, student or pairs, or past max_steps, starts over."""
     checkpoints = _checkpoint_dirs(work)
     for i in range(len(checkpoints) - 1, -1, -1):
