@@ -28,7 +28,7 @@ def tiny_teacher(family: str, drop_path_rate: float = 0.0, seed: int = 0, device
                                           latent_channels=8, patch_nums=(1, 2, 4), drop_path_rate=drop_path_rate)
             model = VAR(config)
             model.init_weights(init_head=1.0)  # peaked, class-dependent token distributions
-            sampling = TeacherSampling(cfg=2.0, top_k=0, top_p=0.0, temperature=1.0, cfg_interval=-1)
+            sampling = TeacherSampling(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, cfg_interval=-1)
             return VarTeacher(vae.to(device), model.to(device), sampling)
         vq = VQModel(VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1),
                               z_channels=32, ch=32, num_res_blocks=1))

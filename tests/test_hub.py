@@ -418,3 +418,45 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path, zip_format):
     with pytest.raises(HubError, match=r"refused to load.*open.*weights_only=True"):
         load_checkpoint(tmp_path / "evil.pt", "model")
     assert not marker.exists(), "the pickled call ran"
+
+
+# ---------------------------------------------------------------------------- a hash pinned in params.yaml
+def test_params_pin_is_checked_by_dd_fetch_offline(offline, tmp_path, monkeypatch):
+    """teacher.sha256 in params.yaml pins a file: the right one is used, another is one error naming the file
+    and the params key (no pin: trust on first use, covered above)."""
+    import yaml
+
+    from dd.config import load_params
+    from dd.teacher_stage import fetch_teacher
+
+    repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    monkeypatch.setenv("DD_CHECKPOINTS", str(checkpoints))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    setting = load_params(repo_params).setting("var-d16")
+    payloads = {}
+    for role, name in (("tokenizer", setting.teacher.tokenizer_artifact), ("model", setting.teacher.model_artifact)):
+        payloads[role] = f"hand-placed {name}".encode()
+        (checkpoints / ARTIFACTS[name].basename).write_bytes(payloads[role])
+
+    def params_with_pin(digest: str):
+        raw = yaml.safe_load(repo_params.read_text())
+        raw["tracking"] = {"mlflow_uri": "sqlite:///mlflow.db", "experiment": "tests"}
+        raw["settings"]["var-d16"]["teacher"] = dict(raw["settings"]["var-d16"]["teacher"], sha256={"model": digest})
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return load_params(path)
+
+    wrong = params_with_pin(hashlib.sha256(b"another file").hexdigest())
+    model_file = checkpoints / ARTIFACTS[setting.teacher.model_artifact].basename
+    with pytest.raises(HubError) as err:
+        fetch_teacher(wrong, wrong.setting("var-d16"), include_dd=False)
+    message = str(err.value)
+    assert "\n" not in message and str(model_file) in message and "sha256 mismatch" in message
+    assert "settings.var-d16.teacher.sha256.model" in message
+    assert not (tmp_path / "results" / "var-d16" / "teacher").exists()
+
+    right = params_with_pin(hashlib.sha256(payloads["model"]).hexdigest())
+    folder = fetch_teacher(right, right.setting("var-d16"), include_dd=False)
+    assert json.loads((folder / "teacher.json").read_text())["files"]["model"]["file"] == model_file.name

@@ -65,7 +65,7 @@ def var_fixture_models():
                                           latent_channels=vae.Cvae, patch_nums=dd_kw["patch_nums"])
     var = VAR(teacher_config).eval()
     var.load_state_dict(load_file(VAR_FIXTURES / "var_state.safetensors"), strict=True)
-    return student, VarTeacher(vae, var, greedy(top_p=0.0))
+    return student, VarTeacher(vae, var, greedy())
 
 
 def llamagen_fixture_models():
@@ -151,7 +151,7 @@ def tiny_var():
     student.init_weights()
     student.attach_codebook(vae.quantize.embedding.weight)
     student.init_from_teacher(teacher)
-    sampling_args = TeacherSampling(cfg=2.0, top_k=0, top_p=0.0, temperature=1.0, cfg_interval=-1)
+    sampling_args = TeacherSampling(cfg=2.0, top_k=0, top_p=1.0, temperature=1.0, cfg_interval=-1)
     return student, VarTeacher(vae, teacher, sampling_args)
 
 

@@ -94,7 +94,7 @@ def test_sampling_is_seeded_and_the_distribution_matches_the_family_sampling_pro
         if teacher.family == "var":
             x = teacher.tokenizer.idx_list_to_var_input(list(greedy.split(teacher.schedule, 1)))
             cond = teacher.model(labels, x)[:, :1]
-            expected = var_sampling_probs(cond, s.top_k, s.top_p, s.temperature)  # the cfg ramp is 0 at scale 0
+            expected = var_sampling_probs(cond, s.top_k, s.var_top_p(), s.temperature)  # the cfg ramp is 0 at scale 0
         else:
             cond = teacher.model(greedy[:, :0], labels)[:, -1]
             uncond = teacher.model(greedy[:, :0], torch.full_like(labels, teacher.num_classes))[:, -1]

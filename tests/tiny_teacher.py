@@ -46,7 +46,12 @@ def tiny_params_dict(pairs: dict | None = None) -> dict:
         block = TINY_BLOCKS[name]
         s["image_size"], s["num_classes"] = block["image_size"], block["num_classes"]
         s["teacher"] = dict(s["teacher"], tokenizer=block["tokenizer"], model=block["model"])
+        # top-k is checked against the codebook at load: keep it inside the 16 codes (same filter: all of them)
+        vocab = block["tokenizer"].get("vocab_size", block["tokenizer"].get("codebook_size"))
+        s["teacher_sampling"] = dict(s["teacher_sampling"], top_k=min(s["teacher_sampling"]["top_k"], vocab))
         s["pairs"] = dict(pairs or TINY_PAIRS)
+        if name == "toy-llamagen":  # 4x4 tokens here: two rows given at the intermediate step (t_list inside 16)
+            s["distill"] = dict(s["distill"], t_list=[0, 8], split=8)
         s["sample"] = dict(s["sample"], skip=TINY_SKIP[name])
     raw["pipeline"].pop("methods", None)  # its skip-n names follow the real settings; dd.methods derives them
     return raw

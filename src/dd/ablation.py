@@ -69,7 +69,7 @@ def run_variant(params: Params, setting: Setting, name: str, change: dict, steps
     from dd.distill import toy_gate, train_student
     from dd.tracking import stage_run
 
-    folder = params.path.parent / "results" / setting.name / "ablation"
+    folder = params.stage_dir(setting, "ablation")
     record_path = folder / f"{name}.json"
     cfg = dataclasses.replace(setting.distill, **change, max_steps=steps,
                               warmup_steps=min(setting.distill.warmup_steps, steps // 10),

@@ -11,6 +11,7 @@ builders in dd.teacher check their keys against the model config dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class Teacher:
     tokenizer_artifact: str | None = None  # hub registry names (dd.hub.ARTIFACTS); hub source only
     model_artifact: str | None = None
     dd_artifact: str | None = None  # the released DD student, where one exists
+    # hub source only: pinned sha256 per role (tokenizer / model / dd), checked by `dd fetch` before the file is
+    # used; without a pin the hash seen at first download is recorded and re-checked (trust on first use)
+    sha256: dict[str, str] | None = None
     train: TeacherTrain | None = None  # train source only
     gates: Gates | None = None  # train source only
 
@@ -73,12 +77,17 @@ class Teacher:
 @dataclass(frozen=True)
 class TeacherSampling:
     """The teacher's sampling distribution: what the ancestral sampler draws from and what the flow
-    map is fed. VAR: cfg ramps linearly over scales, top_p=0 disables; LlamaGen: top_p=1 disables."""
+    map is fed. VAR: cfg ramps linearly over scales. top_k 0 and top_p 1.0 disable their filter in both
+    families (top_p 0 is refused: the official VAR code reads it as off, LlamaGen's as greedy)."""
     cfg: float
     top_k: int
     top_p: float
     temperature: float
     cfg_interval: int  # LlamaGen only (-1 = guidance at every token); ignored for VAR
+
+    def var_top_p(self) -> float:
+        """top_p as VAR's filter reads it (0 = off): keeping all the mass (1.0) is VAR's 0."""
+        return 0.0 if self.top_p >= 1.0 else self.top_p
 
 
 @dataclass(frozen=True)
@@ -147,9 +156,6 @@ class Setting:
     distill: Distill
     sample: Sample
 
-    def results_dir(self, root: Path | str = "results") -> Path:
-        return Path(root) / self.name
-
 
 @dataclass(frozen=True)
 class Tracking:
@@ -174,6 +180,11 @@ class Params:
     tracking: Tracking
     pipeline: Pipeline
     settings: dict[str, Setting]
+
+    def stage_dir(self, setting: Setting, stage: str) -> Path:
+        """results/<setting>/<stage> next to the params file: where a stage writes (the paths Snakemake and
+        dvc.yaml declare, relative to the project root)."""
+        return self.path.parent / "results" / setting.name / stage
 
     def setting(self, name: str) -> Setting:
         if name not in self.settings:
@@ -226,6 +237,7 @@ def _check(value, tp, key: str, file: Path):
         return value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _require(math.isfinite(value), file, key, value, "a finite number")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -254,6 +266,69 @@ def _build(cls, data: dict, prefix: str, file: Path, **given):
     return cls(**kwargs)
 
 
+# Keyword arguments of dd.flow.tokens_from_noise a setting may pin under flow.solver, with their allowed values
+# (kept here because this module does not import torch; tests/test_config.py checks them against dd.flow).
+FLOW_SOLVERS = ("adaptive", "euler", "dpm2m")
+FLOW_SCHEDULES = ("log", "uniform", "power")
+FLOW_SOLVER_KEYS = {
+    "solver": (lambda v: v in FLOW_SOLVERS, f"one of {', '.join(FLOW_SOLVERS)}"),
+    "tol": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "order": (lambda v: v in (2, 3) and not isinstance(v, bool), "2 or 3"),
+    "steps": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "schedule": (lambda v: v in FLOW_SCHEDULES, f"one of {', '.join(FLOW_SCHEDULES)}"),
+    "t_min": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "decided_tol": (lambda v: _number(v) and 0 < v < 0.5, "a number in (0, 0.5)"),
+    "chunk_elements": (lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 (or null: the default)"),
+}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _require(ok: bool, file: Path, key: str, value, allowed: str):
+    """One line: the file, the key, the value found and what is allowed."""
+    if not ok:
+        raise ConfigError(f"{file}: key '{key}' = {value!r} is out of range; allowed: {allowed}")
+
+
+def _check_architecture_value(file: Path, key: str, value):
+    """Architecture blocks are free-form here: sizes (integers, lists of them) must be positive, rates and
+    epsilons (floats) finite and >= 0, and patch_nums (VAR scales) strictly increasing."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if _integer(value):
+        _require(value > 0, file, key, value, "an integer > 0")
+    elif _number(value):
+        _require(value >= 0, file, key, value, "a finite number >= 0")
+    elif isinstance(value, float):
+        _require(False, file, key, value, "a finite number >= 0")
+    elif isinstance(value, list):
+        _require(bool(value) and all(_integer(v) and v > 0 for v in value), file, key, value,
+                 "a non-empty list of integers > 0")
+        if key.endswith(".patch_nums"):
+            _require(all(a < b for a, b in zip(value, value[1:])), file, key, value, "strictly increasing")
+
+
+def ar_steps(s: Setting) -> int | None:
+    """Number of autoregressive steps of the setting's teacher (VAR: scales, LlamaGen: tokens), from its
+    architecture block; None where only a preset names it (the distill stage checks against the built model)."""
+    if s.family == "var":
+        patch_nums = s.teacher.tokenizer.get("patch_nums")
+        return len(patch_nums) if isinstance(patch_nums, list) and patch_nums else None
+    block_size = s.teacher.model.get("block_size")
+    return block_size if _integer(block_size) and block_size > 0 else None
+
+
+def vocab_size(s: Setting) -> int | None:
+    size = s.teacher.tokenizer.get("vocab_size" if s.family == "var" else "codebook_size")
+    return size if _integer(size) and size > 0 else None
+
+
 def _validate_setting(s: Setting, file: Path):
     where = f"settings.{s.name}"
     if s.family not in FAMILIES:
@@ -264,28 +339,96 @@ def _validate_setting(s: Setting, file: Path):
     if t.source == "hub" and not (t.tokenizer_artifact and t.model_artifact):
         raise ConfigError(f"{file}: setting '{s.name}' downloads its teacher: set "
                           f"'{where}.teacher.tokenizer_artifact' and '{where}.teacher.model_artifact'")
+    for block in ("tokenizer", "model"):  # key names are checked by the model builders (dd.teacher)
+        for key, value in getattr(t, block).items():
+            _check_architecture_value(file, f"{where}.teacher.{block}.{key}", value)
+    for role, digest in (t.sha256 or {}).items():
+        if role not in ("tokenizer", "model", "dd"):
+            raise ConfigError(f"{file}: unknown key '{where}.teacher.sha256.{role}' (allowed here: tokenizer, model, dd)")
+        _require(isinstance(digest, str) and len(digest) == 64 and not set(digest) - set("0123456789abcdef"),
+                 file, f"{where}.teacher.sha256.{role}", digest, "64 lowercase hex digits (`sha256sum FILE`)")
     if t.source == "train" and (t.train is None or t.gates is None):
         raise ConfigError(f"{file}: setting '{s.name}' trains its teacher: set "
                           f"'{where}.teacher.train' and '{where}.teacher.gates'")
-    d = s.distill
-    if not d.t_list or d.t_list[0] != 0 or sorted(set(d.t_list)) != d.t_list:
-        raise ConfigError(f"{file}: key '{where}.distill.t_list' must start at 0 and increase (got {d.t_list})")
+
+    def require(ok: bool, key: str, value, allowed: str):
+        _require(ok, file, f"{where}.{key}", value, allowed)
+
+    def positive(key: str, value):
+        require(value > 0, key, value, "> 0")
+
+    def seed(key: str, value):
+        require(value >= 0, key, value, "an integer >= 0")
+
+    def probability(key: str, value):
+        require(0.0 <= value <= 1.0, key, value, "[0, 1]")
+
+    # counts and rates
+    for key in ("image_size", "num_classes"):
+        positive(key, getattr(s, key))
+    for key in ("num_pairs", "shard_size", "batch_size"):
+        positive(f"pairs.{key}", getattr(s.pairs, key))
+    seed("pairs.seed", s.pairs.seed)
+    for key in ("num_samples", "batch_size"):
+        positive(f"sample.{key}", getattr(s.sample, key))
+    seed("sample.seed", s.sample.seed)
+    if t.train is not None:
+        for key in ("classifier_epochs", "tokenizer_epochs", "tokenizer_batch_size", "teacher_epochs",
+                    "teacher_batch_size", "teacher_token_copies", "tokenizer_lr", "teacher_lr", "judge_epochs"):
+            positive(f"teacher.train.{key}", getattr(t.train, key))
+        seed("teacher.train.seed", t.train.seed)
+        require(t.train.num_threads >= 0, "teacher.train.num_threads", t.train.num_threads,
+                "an integer >= 0 (0 = torch's default)")
+    if t.gates is not None:
+        for key in ("classifier_accuracy", "reconstruction_accuracy", "sample_accuracy"):
+            probability(f"teacher.gates.{key}", getattr(t.gates, key))
+        positive("teacher.gates.num_samples", t.gates.num_samples)
+
+    # the teacher's sampling distribution: one meaning per key across both families
+    ts, vocab = s.teacher_sampling, vocab_size(s)
+    require(ts.cfg >= 0, "teacher_sampling.cfg", ts.cfg, ">= 0")
+    require(ts.top_k >= 0 and (vocab is None or ts.top_k <= vocab), "teacher_sampling.top_k", ts.top_k,
+            f"0 (off) to {vocab if vocab else 'the codebook size'}")
+    require(0.0 < ts.top_p <= 1.0, "teacher_sampling.top_p", ts.top_p,
+            "(0, 1], 1.0 = no nucleus filtering in both families (0 is refused: VAR's code reads it as off, "
+            "LlamaGen's as greedy; use top_k 1 for greedy)")
+    positive("teacher_sampling.temperature", ts.temperature)
+    require(ts.cfg_interval >= -1, "teacher_sampling.cfg_interval", ts.cfg_interval, "-1 (every token) or >= 0")
+
+    for key, value in s.flow.solver.items():
+        if key not in FLOW_SOLVER_KEYS:
+            raise ConfigError(f"{file}: unknown key '{where}.flow.solver.{key}' "
+                              f"(allowed here: {', '.join(FLOW_SOLVER_KEYS)})")
+        ok, allowed = FLOW_SOLVER_KEYS[key]
+        require(ok(value), f"flow.solver.{key}", value, allowed)
+
+    # distillation recipe
+    d, steps = s.distill, ar_steps(s)
+    inside = f"inside the teacher's {steps} AR steps, [0, {steps})" if steps else "integers >= 0"
+    require(bool(d.t_list) and d.t_list[0] == 0 and all(a < b for a, b in zip(d.t_list, d.t_list[1:]))
+            and (steps is None or d.t_list[-1] < steps),
+            "distill.t_list", d.t_list, f"strictly increasing from 0, {inside}")
+    require(d.split >= 0 and (steps is None or d.split <= steps), "distill.split", d.split,
+            f"[0, {steps}] (the teacher's AR steps)" if steps else "an integer >= 0")
+    for key in ("batch_size", "lr", "grad_clip", "max_steps", "checkpoint_every", "log_every"):
+        positive(f"distill.{key}", getattr(d, key))
+    require(d.weight_decay >= 0, "distill.weight_decay", d.weight_decay, ">= 0")
+    require(len(d.betas) == 2 and all(0.0 <= b < 1.0 for b in d.betas), "distill.betas", d.betas,
+            "two numbers in [0, 1)")
+    require(0.0 <= d.ema_decay < 1.0, "distill.ema_decay", d.ema_decay, "[0, 1)")
+    # a warm-up longer than the run is allowed: the rate then never reaches lr (micro test runs do this)
+    require(d.warmup_steps >= 0, "distill.warmup_steps", d.warmup_steps, "an integer >= 0")
+    seed("distill.seed", d.seed)
     if d.perceptual not in ("lpips", "feature"):
         raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips' or 'feature' (got {d.perceptual!r})")
     unknown = set(d.loss_weights) - {"ce", "perceptual", "mse"}
     if unknown:
         raise ConfigError(f"{file}: unknown key '{where}.distill.loss_weights.{sorted(unknown)[0]}' "
                           f"(allowed here: ce, perceptual, mse)")
-    counts = {f"{section}.{key}": getattr(getattr(s, section), key) for section, key in (
-        ("pairs", "num_pairs"), ("pairs", "shard_size"), ("pairs", "batch_size"), ("distill", "batch_size"),
-        ("sample", "num_samples"), ("sample", "batch_size"))}
-    if t.train is not None:
-        counts.update({f"teacher.train.{key}": getattr(t.train, key) for key in (
-            "classifier_epochs", "tokenizer_epochs", "tokenizer_batch_size", "teacher_epochs", "teacher_batch_size",
-            "teacher_token_copies")})
-    for key, value in counts.items():
-        if value <= 0:
-            raise ConfigError(f"{file}: key '{where}.{key}' must be positive")
+    for key, value in d.loss_weights.items():
+        require(value >= 0, f"distill.loss_weights.{key}", value, ">= 0")
+    require(any(v > 0 for v in d.loss_weights.values()), "distill.loss_weights", d.loss_weights,
+            "at least one of ce, perceptual, mse > 0")
     _validate_sample(s, file)
 
 

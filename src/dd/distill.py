@@ -26,7 +26,10 @@ Determinism and resume. The global batch of step s and its timesteps are a funct
 epochs are permutations seeded by (seed, epoch), batches are consecutive slices of them, and process r of N
 takes the r-th 1/N of each global batch. Every checkpoint_every steps, results/<S>/student.partial/ gets an
 atomically renamed checkpoint (model, EMA, optimizer, scheduler, step, every process's RNG state, the loss log);
-a rerun resumes from the newest one and, on CPU, continues the uninterrupted run's loss curve exactly. The
+a rerun resumes from the newest one that reads back whole (each records its files' sha256; a corrupt newest one
+falls back to the previous) when it shares this run's recipe, student and pairs (the pairs manifest's sha256);
+log_every, checkpoint_every and max_steps may change (raising max_steps continues the run). On CPU a resumed run
+continues the uninterrupted run's loss curve exactly. The
 final results/<S>/student/ (EMA weights, student.json, metrics.json, samples.png) is renamed into place last.
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dd import sampling
 from dd.atomic import atomic_dir, write_json
 from dd.config import Distill, Params, Setting
 from dd.errors import StageError
+from dd.hub import sha256_of
 from dd.models.dd_llamagen import LlamaGenDD, student_config
 from dd.models.dd_var import VARDD
 from dd.models.llamagen import GPTConfig
@@ -61,6 +65,7 @@ from dd.teacher import Teacher
 
 STUDENT_FILE = "student.safetensors"
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optim.pt")  # hashed into state.json
 LR_FLOOR = 0.01  # the schedule decays linearly to this fraction of lr at max_steps
 GRID_SAMPLES = 32  # DD 1-step samples in the grids logged at checkpoints
 
@@ -79,6 +84,15 @@ class TensorPairs:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the pairs' content: what a checkpoint must have been trained on to be resumed."""
+        digest = hashlib.sha256()
+        for tensor in (self.labels, self.noise, self.tokens):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def get(self, indices: torch.Tensor):
         return self.labels[indices], self.noise[indices], self.tokens[indices]
@@ -105,20 +119,45 @@ def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
 
 class ShardedPairs:
     """The pairs stage's output (results/<S>/pairs/: manifest.json + safetensors shards), read lazily: a batch
-    reads only its rows from the memory-mapped shards, so the data set may exceed memory."""
+    reads only its rows from the memory-mapped shards, so the data set may exceed memory.
 
-    def __init__(self, folder: Path | str, teacher: Teacher | None = None):
+    Every shard is checked against the manifest before training (present, its sha256 (verify=False skips the
+    hash), readable with the manifest's row count): a bad shard is one StageError naming the file. `identity` is
+    the sha256 of manifest.json, which lists every shard's sha256, so it names the pairs' content."""
+
+    def __init__(self, folder: Path | str, teacher: Teacher | None = None, verify: bool = True):
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
             raise StageError(f"{folder}: no manifest.json; run `dd pairs --setting <setting>` first")
-        self.manifest = json.loads(manifest_path.read_text())
+        manifest_bytes = manifest_path.read_bytes()
+        self.identity = hashlib.sha256(manifest_bytes).hexdigest()
+        self.manifest = json.loads(manifest_bytes)
         if not self.manifest.get("complete"):
             raise StageError(f"{manifest_path}: the pairs are not complete; finish them with `dd pairs`")
         if teacher is not None and self.manifest.get("codebook_sha256") != teacher.codebook_sha256():
             raise StageError(f"{manifest_path}: the pairs were made with another codebook than this teacher's; "
                              f"re-run `dd pairs --setting {self.manifest.get('setting')}`")
-        self.shards = [_memmap_safetensors(folder / entry["file"]) for entry in self.manifest["shards"]]
+        setting = self.manifest.get("setting")
+        redo = (f"rename {folder.name}/ to {folder.name}.partial/ and re-run `dd pairs --setting {setting}`: it "
+                f"redoes only the shards that fail their sha256")
+        self.shards = []
+        for entry in tqdm(self.manifest["shards"], desc="[distill] verifying pair shards", unit="shard",
+                          disable=len(self.manifest["shards"]) < 20):
+            path = folder / entry["file"]
+            if not path.is_file():
+                raise StageError(f"{path}: pair shard missing; {redo}")
+            if verify and sha256_of(path) != entry.get("sha256"):
+                raise StageError(f"{path}: pair shard does not match the sha256 in {manifest_path.name} "
+                                 f"(truncated or changed); {redo}")
+            try:
+                shard = _memmap_safetensors(path)
+                rows = {name: shard[name].shape[0] for name in ("labels", "noise", "tokens")}
+            except (ValueError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise StageError(f"{path}: not a readable pair shard ({type(err).__name__}: {err}); {redo}") from None
+            if set(rows.values()) != {entry.get("count", rows["labels"])}:
+                raise StageError(f"{path}: rows {rows} do not match the manifest's count {entry.get('count')}; {redo}")
+            self.shards.append(shard)
         self.starts = [0]
         for shard in self.shards:
             self.starts.append(self.starts[-1] + shard["labels"].shape[0])
@@ -362,10 +401,17 @@ def _checkpoint_dirs(work: Path) -> list[Path]:
     return sorted(work.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _fingerprint(cfg: Distill, student: torch.nn.Module, teacher: Teacher, num_pairs: int) -> str:
-    """What a checkpoint must share with this run to be resumed: the recipe, the student, the data."""
-    blob = json.dumps({"distill": dataclasses.asdict(cfg), "student": student_constructor(student),
-                       "codebook": teacher.codebook_sha256(), "num_pairs": num_pairs}, sort_keys=True)
+# Keys of the recipe a run may change and still resume: how often it logs and checkpoints, and how long it runs
+# (raising max_steps continues the run; the learning-rate schedule is stretched to the new end from there on).
+RESUMABLE_KEYS = ("log_every", "checkpoint_every", "max_steps")
+
+
+def _fingerprint(cfg: Distill, student: torch.nn.Module, teacher: Teacher, pairs_identity: str) -> str:
+    """What a checkpoint must share with this run to be resumed: the recipe (but RESUMABLE_KEYS), the student,
+    the teacher's codebook and the pairs' identity (their manifest's sha256 / content hash)."""
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    blob = json.dumps({"distill": recipe, "student": student_constructor(student),
+                       "codebook": teacher.codebook_sha256(), "pairs": pairs_identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -406,7 +452,9 @@ def save_checkpoint(accelerator, work: Path, step: int, student, ema, optimizer,
         save_file(_state_tensors(student), str(tmp / "model.safetensors"))
         save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        write_json(tmp / "state.json", {**log, "step": step, "num_processes": accelerator.num_processes})
+        files = {name: sha256_of(tmp / name) for name in CHECKPOINT_FILES}
+        write_json(tmp / "state.json", {**log, "step": step, "num_processes": accelerator.num_processes,
+                                        "files": files})
         os.replace(tmp, final)
         for old in _checkpoint_dirs(work)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -414,23 +462,75 @@ def save_checkpoint(accelerator, work: Path, step: int, student, ema, optimizer,
     return final
 
 
-def load_checkpoint(accelerator, folder: Path, student, ema, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by save_checkpoint; returns its state.json, with "rng_restored": whether this
-    process's RNG state was in it (not when the number of processes changed)."""
-    student.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-    ema.load_state_dict(load_file(folder / "ema.safetensors"), strict=True)
-    optim = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
-    state = json.loads((folder / "state.json").read_text())
-    rng_path = folder / f"rng-{accelerator.process_index}.pt"
-    state["rng_restored"] = rng_path.is_file() and state["num_processes"] == accelerator.num_processes
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that cannot be read back whole (truncated, changed or half-deleted)."""
+
+
+def read_checkpoint(folder: Path, process_index: int) -> dict:
+    """Read every file of a checkpoint and check them against the sha256s its state.json records, before anything
+    is restored: {"state", "model", "ema", "optim", "rng" (this process's, or None)}. Raises CorruptCheckpoint."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        for name in CHECKPOINT_FILES:
+            if sha256_of(folder / name) != state["files"][name]:
+                raise CorruptCheckpoint(f"{folder / name} does not match the sha256 in state.json")
+        ckpt = {"state": state, "model": load_file(folder / "model.safetensors"),
+                "ema": load_file(folder / "ema.safetensors"),
+                "optim": torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)}
+    except CorruptCheckpoint:
+        raise
+    except Exception as err:  # any failure to read it back means the checkpoint cannot be resumed
+        raise CorruptCheckpoint(f"{type(err).__name__}: {err}") from None
+    rng_path = folder / f"rng-{process_index}.pt"
+    try:
+        ckpt["rng"] = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    except Exception:  # the RNG state alone is not worth the checkpoint: dropout draws start afresh
+        ckpt["rng"] = None
+    return ckpt
+
+
+def restore_checkpoint(accelerator, ckpt: dict, student, ema, optimizer, scheduler) -> dict:
+    """Restore what read_checkpoint read; returns its state.json, with "rng_restored": whether this process's RNG
+    state was in it (not when the number of processes changed)."""
+    student.load_state_dict(ckpt["model"], strict=True)
+    ema.load_state_dict(ckpt["ema"], strict=True)
+    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
+    state = dict(ckpt["state"])
+    state["rng_restored"] = ckpt["rng"] is not None and state["num_processes"] == accelerator.num_processes
     if state["rng_restored"]:
-        _set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), accelerator.device)
+        _set_rng_state(ckpt["rng"], accelerator.device)
     elif accelerator.is_main_process:
-        print(f"[distill] {folder.name}: written by {state['num_processes']} process(es), resumed by "
-              f"{accelerator.num_processes}: data order is kept, the dropout RNG starts afresh", flush=True)
+        print(f"[distill] checkpoint of step {state['step']}: written by {state['num_processes']} process(es), "
+              f"resumed by {accelerator.num_processes} (or without its RNG state): data order is kept, the dropout "
+              f"RNG starts afresh", flush=True)
     return state
+
+
+def choose_checkpoint(work: Path, fingerprint: str, max_steps: int, process_index: int):
+    """(folder, ckpt, discard): the newest checkpoint of this run that reads back whole (None, None when there is
+    none) and the folders to delete (unreadable ones newer than it; every one when none is resumable). A corrupt newest checkpoint
+    falls back to the previous one; one of another recipe, student or pairs, or past max_steps, starts over."""
+    checkpoints = _checkpoint_dirs(work)
+    for i in range(len(checkpoints) - 1, -1, -1):
+        folder = checkpoints[i]
+        try:
+            ckpt = read_checkpoint(folder, process_index)
+        except CorruptCheckpoint as err:
+            if process_index == 0:
+                print(f"[distill] {folder}: unreadable ({err}); trying the previous checkpoint", flush=True)
+            continue
+        state = ckpt["state"]
+        if state.get("fingerprint") != fingerprint:
+            why = "of another recipe, student or pairs"
+        elif state["step"] >= max_steps:
+            why = f"at step {state['step']}, not before max_steps {max_steps}"
+        else:
+            return folder, ckpt, checkpoints[i + 1:]
+        if process_index == 0:
+            print(f"[distill] {work}: checkpoints {why}; starting over", flush=True)
+        break
+    return None, None, checkpoints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,7 +614,7 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
     optimizer = make_optimizer(student, cfg, fused=not use_cpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
-    fingerprint = _fingerprint(cfg, student, teacher, len(pairs))
+    fingerprint = _fingerprint(cfg, student, teacher, pairs.identity)
 
     step, history, window, rng_restored = 0, [], [], False
     if main:
@@ -522,23 +622,19 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
         for leftover in work.glob(".step-*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    checkpoints = _checkpoint_dirs(work)
-    if checkpoints:
-        state = json.loads((checkpoints[-1] / "state.json").read_text())
-        if state.get("fingerprint") == fingerprint:
-            state = load_checkpoint(accelerator, checkpoints[-1], student, ema, optimizer, scheduler)
-            step, history, window = state["step"], state["history"], state["window"]
-            rng_restored = state["rng_restored"]
-            if main:
-                print(f"[distill] resuming from {checkpoints[-1]} (step {step} of {cfg.max_steps})", flush=True)
-        else:
-            accelerator.wait_for_everyone()
-            if main:
-                print(f"[distill] {work}: checkpoints of another recipe, student or data set; starting over",
-                      flush=True)
-                for old in checkpoints:
-                    shutil.rmtree(old, ignore_errors=True)
-            accelerator.wait_for_everyone()
+    folder, ckpt, discard = choose_checkpoint(work, fingerprint, cfg.max_steps, rank)
+    accelerator.wait_for_everyone()
+    if main:
+        for old in discard:
+            shutil.rmtree(old, ignore_errors=True)
+    if ckpt is not None:
+        state = restore_checkpoint(accelerator, ckpt, student, ema, optimizer, scheduler)
+        step, history, window = state["step"], state["history"], state["window"]
+        rng_restored = state["rng_restored"]
+        if main:
+            print(f"[distill] resuming from {folder} (step {step} of {cfg.max_steps})", flush=True)
+        del ckpt
+    accelerator.wait_for_everyone()
     resumed_from = step
     if not rng_restored:  # the drop-path / dropout draws of this process: a function of (seed, process, step)
         torch.manual_seed(_mix(cfg.seed, 2, rank, step))

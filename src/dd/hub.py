@@ -10,11 +10,13 @@ printed in every error, e.g. with a browser or `curl -L -o dest_dir/var_d16.pth 
 `fetch` verifies and uses it without any network access. Copying a Hugging Face cache from another
 machine (`$HF_HOME/hub/models--<org>--<name>/`) works too; set HF_HUB_OFFLINE=1 to forbid network use.
 
-Integrity. Where the registry knows a file's size or sha256 they are checked. Where it does not (none
-of the official files could be inspected from the machine this was written on, so every entry has
-size=None, sha256=None), `fetch` records the sha256 it saw in a sidecar `<file>.sha256`
-(`sha256sum -c` format) and every later `fetch` / `load_checkpoint` re-checks the file against it,
-so a file that changes or is truncated after download is caught. A mismatch is never silently
+Integrity. Where the registry knows a file's size or sha256 they are checked; a user pins a sha256 in
+params.yaml (`teacher.sha256: {tokenizer: ..., model: ..., dd: ...}`, checked the same way by `dd fetch`).
+Where neither does (none of the official files could be inspected from the machine this was written on,
+so every entry has size=None, sha256=None), `fetch` trusts the file on first use: it records the sha256
+it saw in a sidecar `<file>.sha256` (`sha256sum -c` format) and every later `fetch` / `load_checkpoint`
+re-checks the file against it, so a file that changes or is truncated after download is caught (a file
+that was wrong at first download is not). A mismatch is never silently
 repaired: the error names the file and says to delete it (and its sidecar) and fetch again.
 
 Loading uses torch.load(weights_only=True): tensors, plain containers and a short allowlist of
@@ -103,6 +105,7 @@ class Artifact:
     size: int | None = None  # bytes, when known
     sha256: str | None = None  # lowercase hex, when known
     download_url: str | None = None  # a file hosted outside the Hugging Face Hub (plain HTTPS download)
+    pinned_by: str | None = None  # where sha256 came from when not from this registry (a params.yaml key)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -409,7 +412,7 @@ def _verify(path: Path, art: Artifact, record: bool = True) -> str:
     sha = sha256_of(path)
     if art.sha256 is not None:
         if sha != art.sha256:
-            raise _mismatch(path, "sha256", art.sha256, sha, f"registry entry '{art.name}'")
+            raise _mismatch(path, "sha256", art.sha256, sha, art.pinned_by or f"registry entry '{art.name}'")
     elif (recorded := _read_sidecar(path)) is not None and sha != recorded:
         raise _mismatch(path, "sha256", recorded, sha, f"recorded in {sidecar_path(path).name} when first fetched")
     if record:

@@ -54,7 +54,7 @@ FORMAT = "dd-pairs/1"
 
 
 def pairs_dir(params: Params, setting: Setting) -> Path:
-    return params.path.parent / "results" / setting.name / "pairs"
+    return params.stage_dir(setting, "pairs")
 
 
 def shard_name(index: int) -> str:

@@ -263,7 +263,7 @@ class VarTeacher(Teacher):
         prefix_idx = [] if prefix is None else list(prefix.split(self.schedule[:prefix_steps], dim=1))
         # Tokens only: decoding here would pay the VQVAE decoder again in decode_tokens (and, in the pairs stage,
         # for images nobody uses).
-        _, idx_list = self.model.sample(self.tokenizer, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+        _, idx_list = self.model.sample(self.tokenizer, labels, cfg=s.cfg, top_k=s.top_k, top_p=s.var_top_p(),
                                         temperature=s.temperature, generator=generator, draw=draw,
                                         prefix_idx=prefix_idx, end_scale=num_steps, decode=False)
         return torch.cat(idx_list, dim=1)

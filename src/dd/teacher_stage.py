@@ -6,6 +6,7 @@ written atomically and ends with teacher.json, which later stages read to build 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from dd.tracking import stage_run
 
 
 def teacher_dir(params: Params, setting: Setting) -> Path:
-    return params.path.parent / "results" / setting.name / "teacher"
+    return params.stage_dir(setting, "teacher")
 
 
 def checkpoints_dir(params: Params) -> Path:
@@ -43,9 +44,13 @@ def fetch_teacher(params: Params, setting: Setting, include_dd: bool = True) -> 
         with atomic_dir(final) as out:
             files = {}
             for role, name in roles.items():
-                path = hub.fetch(name, checkpoints_dir(params))
-                (out / path.name).symlink_to(path)
                 art = hub.ARTIFACTS[name]
+                pinned = (t.sha256 or {}).get(role)
+                if pinned is not None:  # params.yaml's pin is checked as the registry's own sha256 would be
+                    art = dataclasses.replace(art, sha256=pinned, pinned_by=f"{params.path} key "
+                                              f"settings.{setting.name}.teacher.sha256.{role}")
+                path = hub.fetch(art, checkpoints_dir(params))
+                (out / path.name).symlink_to(path)
                 files[role] = {"artifact": name, "file": path.name, "url": art.url,
                                "load_layout": art.load_layout}
                 print(f"[teacher] {setting.name}: {role} <- {name} ({path.name})")

@@ -14,7 +14,7 @@ Steps (all inside one MLflow run and one atomic output folder):
 
 The folder gets tokenizer.safetensors, teacher.safetensors, classifier.safetensors, judge.safetensors (the
 evaluate stage's independent toy judge, dd.judge; nothing here or later trains on it), teacher.json (the
-exact constructor kwargs to rebuild both models: see `build_models` / `load_toy_teacher`), metrics.json,
+exact constructor kwargs to rebuild both models: see `build_models`), metrics.json,
 reconstructions.png and samples.png. With gates.enforce a failed gate raises StageError and no folder
 is created.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dd import data, judge
@@ -139,22 +139,6 @@ def build_models(family: str, tokenizer: dict, model: dict):
     raise StageError(f"unknown family {family!r}; expected 'var' or 'llamagen'")
 
 
-def load_toy_teacher(folder: Path | str):
-    """Rebuild (tokenizer, teacher, classifier, info) from a finished toy teacher folder (strict loads)."""
-    folder = Path(folder)
-    info_path = folder / "teacher.json"
-    if not info_path.is_file():
-        raise StageError(f"{folder}: no teacher.json; run `dd teacher --setting <toy setting>` first")
-    info = json.loads(info_path.read_text())
-    if info.get("source") != "train":
-        raise StageError(f"{info_path}: source is {info.get('source')!r}, not a trained toy teacher")
-    tokenizer, teacher = build_models(info["family"], info["tokenizer"]["kwargs"], info["model"]["kwargs"])
-    tokenizer.load_state_dict(load_file(folder / info["files"]["tokenizer"]), strict=True)
-    teacher.load_state_dict(load_file(folder / info["files"]["teacher"]), strict=True)
-    classifier = data.load_classifier(folder / info["files"]["classifier"])
-    return tokenizer.eval(), teacher.eval(), classifier, info
-
-
 def _save_module(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
 
@@ -247,7 +231,7 @@ class VarToy:
     @torch.no_grad()
     def sample(self, labels, sampling, generator):
         images, _ = self.teacher.sample(self.tokenizer, labels, cfg=sampling.cfg, top_k=sampling.top_k,
-                                        top_p=sampling.top_p, temperature=sampling.temperature,
+                                        top_p=sampling.var_top_p(), temperature=sampling.temperature,
                                         generator=generator)
         return images * 2 - 1  # VAR returns [0, 1]
 

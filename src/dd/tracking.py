@@ -90,8 +90,3 @@ def stage_run(params: Params, setting: Setting, stage: str, extra_params: dict |
             mlflow.end_run(status="FAILED")
             raise
         del run
-
-
-def log_image(mlflow, image, artifact_file: str) -> None:
-    """Log a PIL image as a PNG artifact."""
-    mlflow.log_image(image, artifact_file)

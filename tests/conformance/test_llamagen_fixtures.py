@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from dd.models.dd_llamagen import LlamaGenDD
 from dd.models.llamagen import GPTConfig, LlamaGenGPT, generate
 from dd.models.llamagen_vq import VQConfig, VQModel
+from fixture_env import require_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("DD_FIXTURES_LLAMAGEN", REPO_ROOT.parent / "shared" / "fixtures" / "llamagen"))
@@ -45,14 +46,49 @@ def close_log_probs(actual, expected):
     close(actual[~inf], expected[~inf])
 
 
+# Official class (the sidecar's `official_class`, after the colon) -> our role. The folder's content decides the
+# file names: each sidecar <stem>.json has its state dict in <stem>.safetensors and its recorded calls in
+# <stem>_io.safetensors.
+ROLES = {"VQModel": "vq", "Transformer": "gpt", "DDTransformer": "dd"}
+READ: dict[str, set] = {}  # io tensors read by the tests that ran, per io file (test_every_io_tensor_is_used)
+
+
 @lru_cache(maxsize=None)
-def sidecar(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+def stems() -> dict[str, str]:
+    """role -> file stem of its sidecar, from the folder's content."""
+    found = {}
+    for path in sorted(FIXTURES.glob("*.json")):
+        official = json.loads(path.read_text()).get("official_class", "")
+        cls = official.split(":")[-1].split()[0] if official else None
+        assert cls in ROLES, f"{path.name}: official class {official!r} has no counterpart here ({', '.join(ROLES)})"
+        assert ROLES[cls] not in found, f"two {cls} sidecars: {found[ROLES[cls]]}.json and {path.name}"
+        found[ROLES[cls]] = path.stem
+    return found
+
+
+@lru_cache(maxsize=None)
+def sidecar(role: str) -> dict:
+    return json.loads((FIXTURES / f"{stems()[role]}.json").read_text())
+
+
+class Recorded(dict):
+    """An io file's tensors; remembers which were read."""
+
+    def __init__(self, name: str, data: dict):
+        super().__init__(data)
+        self.name = name
+
+    def __getitem__(self, key):
+        READ.setdefault(self.name, set()).add(key)
+        return super().__getitem__(key)
 
 
 @lru_cache(maxsize=None)
 def tensors(name: str) -> dict:
-    return load_file(FIXTURES / f"{name}.safetensors")
+    """"vq" / "gpt" / "dd" (state dicts) or "vq_io" / "gpt_io" / "dd_io" (recorded calls), by role."""
+    role, _, io = name.partition("_")
+    path = FIXTURES / f"{stems()[role]}{'_io' if io else ''}.safetensors"
+    return Recorded(path.name, load_file(path)) if io else load_file(path)
 
 
 def cases(name: str, key: str):
@@ -64,8 +100,7 @@ def cases(name: str, key: str):
 
 @pytest.fixture(autouse=True)
 def fixtures_present():
-    if not FIXTURES.is_dir():
-        pytest.skip(ABSENT)
+    require_folder(FIXTURES, "DD_FIXTURES_LLAMAGEN")
 
 
 def build_vq() -> VQModel:
@@ -119,7 +154,9 @@ def test_vq_decode_and_codebook():
     close_image(vq.decode(io["quant"]), io["recon_from_quant"])
     close_image(vq.decode_code(io["indices"], io["quant"].shape), io["decode_code_image"])
     close(vq.codebook_l2(), io["codebook_l2"])
-    assert not torch.allclose(vq.quantize.embedding.weight.norm(dim=-1), torch.ones(64))  # stored rows not unit
+    norms = vq.quantize.embedding.weight.norm(dim=-1)
+    assert norms.shape == (sidecar("vq")["model_args"]["codebook_size"],)
+    assert not torch.allclose(norms, torch.ones_like(norms))  # stored rows are not unit: the l2 step is exercised
 
 
 # ------------------------------------------------------------------------------------------------ GPT
@@ -222,3 +259,30 @@ def test_dd_teacher_involved_sampling():
     x = dd_step(model, x, noise, cond, teacher_end)
     close(x, io["combine_x"])
     close_image(decode_latents(vq, x), io["combine_image"])
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+
+def test_every_file_of_the_folder_is_known():
+    """Each file is a README, a model sidecar, its state dict or its recorded calls: nothing is ignored."""
+    known = {"README.md"}
+    for stem in stems().values():
+        known |= {f"{stem}.json", f"{stem}.safetensors", f"{stem}_io.safetensors"}
+    assert sorted(p.name for p in FIXTURES.iterdir() if p.name not in known) == []
+    assert set(stems()) == set(ROLES.values())
+
+
+def test_every_io_tensor_is_used(request):
+    """Every recorded tensor was read by a test of this module (run last, after the replays). A new recorded call
+    without a replay fails here."""
+    option = request.config.option
+    if option.keyword or option.markexpr or getattr(option, "lf", False) or \
+            any("::" in arg for arg in request.config.args):
+        pytest.skip("a partial run: needs every test of the module to have run")
+    unread = {}
+    for role in stems():
+        io = tensors(f"{role}_io")
+        missing = sorted(set(io) - READ.get(io.name, set()))
+        if missing:
+            unread[io.name] = missing
+    assert unread == {}, f"recorded tensors no test reads: {unread}"

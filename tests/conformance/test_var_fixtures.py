@@ -1,6 +1,8 @@
 """Golden vectors of the official VAR code (fixtures/var): rebuild the VQVAE, VAR and VAR-DD models from the json
 sidecars, load the official state_dicts strictly, and replay every call listed in config.json `calls`
-(vqvae_io, var_io, dd_io), RNG-dependent sampling included.
+(vqvae_io, var_io, dd_io), RNG-dependent sampling included. Driven by the folder's content: every model sidecar
+(a json with `cls` and `state_file`) builds and loads, every call of config.json replays (a call without a replay
+fails), every file and io tensor must be named by the sidecars or the calls; sizes come from the sidecars.
 
 Tolerances (fixture README): logits / latents / continuous outputs atol 1e-4 rtol 1e-4, images atol 1e-4, token
 indices exact, -inf positions compared as a mask.
@@ -20,6 +22,7 @@ from safetensors.torch import load_file
 from dd.models.dd_var import VARDD
 from dd.models.var import VAR, filter_logits, var_config_for_depth
 from dd.models.var_vqvae import VQVAE, phi_index_per_scale
+from fixture_env import recorded_numerics, require_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("DD_FIXTURES_VAR", REPO_ROOT.parent / "shared" / "fixtures" / "var"))
@@ -57,39 +60,74 @@ def var_config_from_official(kwargs: dict, vae: VQVAE):
     return config
 
 
+OFFICIAL_CLASSES = ("VQVAE", "VAR", "DD_Model")
+
+
+def model_sidecars(folder: Path) -> dict[str, dict]:
+    """Every model of the folder: json sidecars naming an official class and a state file, by file stem."""
+    found = {}
+    for path in sorted(folder.glob("*.json")):
+        side = json.loads(path.read_text())
+        if isinstance(side, dict) and "state_file" in side:
+            assert side.get("cls") in OFFICIAL_CLASSES, f"{path.name}: official class {side.get('cls')!r} has no " \
+                                                        f"counterpart here ({', '.join(OFFICIAL_CLASSES)})"
+            found[path.stem] = side
+    return found
+
+
+def the_one(sidecars: dict, cls: str) -> dict:
+    matches = [side for side in sidecars.values() if side["cls"] == cls]
+    assert len(matches) == 1, f"expected one {cls} sidecar in the fixture folder, found {len(matches)}"
+    return matches[0]
+
+
+def vqvae_from_official(kw: dict) -> tuple[VQVAE, dict]:
+    assert not kw["using_znorm"] and kw["quant_conv_ks"] == 3 and kw["default_qresi_counts"] == 0
+    kwargs = dict(vocab_size=kw["vocab_size"], z_channels=kw["z_channels"], ch=kw["ch"],
+                  share_quant_resi=kw["share_quant_resi"], patch_nums=kw["v_patch_nums"],
+                  dropout=kw["dropout"], beta=kw["beta"], quant_resi=kw["quant_resi"])
+    return VQVAE(**kwargs).eval(), kwargs
+
+
+def dd_from_official(kwargs: dict, vae: VQVAE) -> VARDD:
+    # the official n_d_embed_enable=False crashes in its own forward (self.n_d_embed is never built)
+    assert kwargs["n_d_embed_enable"], "n_d_embed_enable=False cannot run in the official code either"
+    return VARDD(var_config_from_official(kwargs, vae), layerwise_n_d_embed=kwargs["layerwise_n_d_embed"])
+
+
+def load_state(folder: Path, side: dict) -> dict:
+    """float16-stored states (the VQVAE: every value exactly representable) upcast to the float32 weights."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in load_file(folder / side["state_file"]).items()}
+
+
 class Fixtures:
     """The fixture folder: config, io tensors, and our models loaded from the official states (eval mode)."""
 
     def __init__(self, folder: Path):
         self.config = json.loads((folder / "config.json").read_text())
         self.io = {name: load_file(folder / f"{name}.safetensors") for name in self.config["calls"]}
-        sidecar = lambda name: json.loads((folder / f"{name}.json").read_text())  # noqa: E731
+        self.sidecars = model_sidecars(folder)
 
-        vq = sidecar("vqvae_state")
+        vq = the_one(self.sidecars, "VQVAE")
         kw = vq["kwargs"]
-        assert not kw["using_znorm"] and kw["quant_conv_ks"] == 3 and kw["default_qresi_counts"] == 0
-        self.vae_kwargs = dict(vocab_size=kw["vocab_size"], z_channels=kw["z_channels"], ch=kw["ch"],
-                               share_quant_resi=kw["share_quant_resi"], patch_nums=kw["v_patch_nums"],
-                               dropout=kw["dropout"], beta=kw["beta"], quant_resi=kw["quant_resi"])
-        self.vae = VQVAE(**self.vae_kwargs).eval()
-        # stored as float16, every value exactly representable: upcast restores the float32 weights
-        self.vae_state = {k: v.float() for k, v in load_file(folder / vq["state_file"]).items()}
+        self.vae, self.vae_kwargs = vqvae_from_official(kw)
+        self.vae_state = load_state(folder, vq)
         self.vae.load_state_dict(self.vae_state, strict=True)
         self.phi_index = vq["phi_index_per_scale"]
 
-        var_side = sidecar("var_state")
+        var_side = the_one(self.sidecars, "VAR")
         self.var_config = var_config_from_official(var_side["kwargs"], self.vae)
         self.var = VAR(self.var_config).eval()
-        self.var.load_state_dict(load_file(folder / var_side["state_file"]), strict=True)
+        self.var_state = load_state(folder, var_side)
+        self.var.load_state_dict(self.var_state, strict=True)
 
-        dd_side = sidecar("dd_state")
-        assert dd_side["kwargs"]["n_d_embed_enable"] and dd_side["kwargs"]["layerwise_n_d_embed"]
-        self.dd_config = var_config_from_official(dd_side["kwargs"], self.vae)
-        self.dd_state = load_file(folder / dd_side["state_file"])
+        # the dd_io calls replay the folder's DD model (its sidecar's options, layerwise_n_d_embed included)
+        self.dd_side = the_one(self.sidecars, "DD_Model")
+        self.dd_state = load_state(folder, self.dd_side)
         self.dd = self.new_student()
 
     def new_student(self) -> VARDD:
-        student = VARDD(self.dd_config).eval()
+        student = dd_from_official(self.dd_side["kwargs"], self.vae).eval()
         student.load_state_dict(self.dd_state, strict=True)
         student.attach_codebook(self.vae.quantize.embedding.weight)
         return student
@@ -97,8 +135,7 @@ class Fixtures:
 
 @pytest.fixture(scope="module")
 def fx():
-    if not FIXTURES.is_dir():
-        pytest.skip(ABSENT)
+    require_folder(FIXTURES, "DD_FIXTURES_VAR")
     return Fixtures(FIXTURES)
 
 
@@ -377,16 +414,81 @@ def replay_for(io_name: str, call: dict):
 def test_replay_official_call(fx, io_name, call):
     replay = replay_for(io_name, call)
     assert replay is not None, f"fixture call {io_name}:{call['name']} has no replay here: add one"
-    with torch.no_grad():
+    with torch.no_grad(), recorded_numerics(fx.config.get("deterministic")):
         replay(fx, fx.io[io_name], call)
 
 
-def test_models_load_strict_and_phi_rule(fx):
-    """The sidecar's Phi table is the official tick rule's; our states round-trip key for key."""
-    assert phi_index_per_scale(len(fx.vae.patch_nums), 4) == fx.phi_index
+def sidecar_params():
+    if not FIXTURES.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=ABSENT), id="fixtures-absent")]
+    return [pytest.param(stem, id=stem) for stem in model_sidecars(FIXTURES)]
+
+
+@pytest.mark.parametrize("stem", sidecar_params())
+def test_every_model_file_loads_strict(fx, stem):
+    """Every model file of the folder (not only the ones the calls use) builds from its sidecar and loads strictly;
+    our state_dict round-trips key for key and tensor for tensor."""
+    side = fx.sidecars[stem]
+    state = load_state(FIXTURES, side)
+    if side["cls"] == "VQVAE":
+        model = vqvae_from_official(side["kwargs"])[0]
+    elif side["cls"] == "VAR":
+        model = VAR(var_config_from_official(side["kwargs"], fx.vae))
+    else:
+        model = dd_from_official(side["kwargs"], fx.vae)
+    model.load_state_dict(state, strict=True)
+    ours = model.state_dict()
+    assert set(ours) == set(state)
+    for name, value in state.items():
+        assert torch.equal(ours[name], value), name
+
+
+def test_phi_rule_matches_the_sidecar(fx):
+    """The sidecar's Phi table is the official tick rule's."""
+    share = fx.vae_kwargs["share_quant_resi"]
+    assert phi_index_per_scale(len(fx.vae.patch_nums), share) == fx.phi_index
     assert fx.vae.quantize.quant_resi.index_of_scale == fx.phi_index
-    assert set(fx.var.state_dict()) == set(load_file(FIXTURES / "var_state.safetensors"))
-    assert set(fx.dd.state_dict()) == set(fx.dd_state)
+
+
+def test_every_file_and_tensor_of_the_folder_is_used(fx):
+    """Another fixture set of this format replays without code changes, and nothing in it goes unchecked: every
+    file is the config, a README, a model sidecar or state, or an io file of the calls; every io tensor is named
+    by a call (inputs, outputs, debug or filter cases); DD variants, if listed, need a replay here."""
+    known = {"README.md", "config.json"}
+    for stem, side in fx.sidecars.items():
+        known |= {f"{stem}.json", side["state_file"]}
+    known |= {f"{name}.safetensors" for name in fx.config["calls"]}
+    assert sorted(p.name for p in FIXTURES.iterdir() if p.name not in known) == []
+    for io_name, group in fx.config["calls"].items():
+        named = set()
+        for call in group:
+            named |= set(call.get("inputs", [])) | set(call.get("outputs", [])) | set(call.get("debug", []))
+            named |= {case["key"] for case in call.get("cases", [])}
+        assert sorted(set(fx.io[io_name]) - named) == [], f"{io_name}: tensors no call names"
+    assert not fx.config.get("dd_variants"), "the fixture lists DD variants: add their replay"
+
+
+def test_dd_without_layerwise_projections_is_the_layerwise_model_with_identity_projections(fx):
+    """The official layerwise_n_d_embed=False adds the raw noise/data embedding where True adds its per-block
+    projection: with identity projections (weight I, bias 0) the two are the same function, and the False model
+    has exactly the official keys (no layerwise_n_d_embed.*)."""
+    plain = dd_from_official({**fx.dd_side["kwargs"], "layerwise_n_d_embed": False}, fx.vae).eval()
+    state = {k: v for k, v in fx.dd_state.items() if not k.startswith("layerwise_n_d_embed.")}
+    plain.load_state_dict(state, strict=True)
+    assert set(plain.state_dict()) == set(state)
+    identity = fx.new_student()
+    with torch.no_grad():
+        for proj in identity.layerwise_n_d_embed:
+            proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+            proj.bias.zero_()
+    io = fx.io["dd_io"]
+    label, x = io["label_B"], io["perturb_data.t1.out"]
+    with torch.no_grad():
+        for ours, ref in zip(plain(label, x, steps(1, label.shape[0])), identity(label, x, steps(1, label.shape[0]))):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        # and the projections matter: the released (layerwise) model differs
+        assert not torch.allclose(plain(label, x, steps(1, label.shape[0]))[1], fx.dd(label, x, steps(1, label.shape[0]))[1],
+                                  atol=1e-3)
 
 
 def test_vqvae_accepts_statistics_of_another_scale_count(fx):

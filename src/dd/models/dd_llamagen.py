@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from dd.models.dd_common import FinalLayer, nearest_code
 from dd.models.llamagen import (GPTConfig, LlamaGenGPT, RMSNorm, TransformerBlock, condition_attention_mask,
                                 condition_embedding, drop_path_rates, init_llamagen_weights,
                                 precompute_freqs_cis_2d, rope_rows)
@@ -30,21 +31,6 @@ def student_config(teacher_config: GPTConfig) -> GPTConfig:
     and no class dropout (the student never sees the null class)."""
     return replace(teacher_config, token_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
                    ffn_dropout_p=0.0, drop_path_rate=0.0, class_dropout_prob=0.0)
-
-
-class FinalLayer(nn.Module):
-    """Continuous-token head: LayerNorm (no affine) of the un-normalised hidden state, modulated by the
-    class embedding c: x * (1 + scale) + shift with (shift, scale) = scale_shift_table + c; then Linear."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
-
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + c).chunk(2, dim=1)  # c (B, 1, dim) -> (B, 1, dim) each
-        return self.linear(self.norm_final(h) * (1 + scale) + shift)
 
 
 class LlamaGenDD(nn.Module):
@@ -167,12 +153,8 @@ class LlamaGenDD(nn.Module):
         return torch.where(keep_data[..., None], data, noise)
 
     def nearest_code(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codebook row (squared L2) for every vector of x (..., C), by a matmul
-        (|x|^2 + |e|^2 - 2 x.e) instead of materialising x - e for all V codes."""
-        flat = x.reshape(-1, x.shape[-1]).to(self.codebook.dtype)
-        distances = (flat.pow(2).sum(1, keepdim=True) + self.codebook.pow(2).sum(1)
-                     - 2 * flat @ self.codebook.t())
-        return distances.argmin(dim=1).view(x.shape[:-1])
+        """Index of the nearest codebook row (squared L2) for every vector of x (..., C)."""
+        return nearest_code(x, self.codebook)
 
     def final_predict(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, caption_mask=None):
         """Model outputs where i >= t; where i < t the input is kept: tokens = x_t and logits = one-hot

@@ -7,7 +7,9 @@ sequence: a continuous prediction [B, L, Cvae] and logits [B, L, V]. State_dict 
   carries teacher token p (L' = L + 1, S + 1 levels);
 * attention mask: a position sees all strictly earlier levels and itself, not the other tokens of its scale;
 * a noise/data embedding `n_d_embed` (1 = class token and given scales, 0 = noise scales), projected per block by
-  `layerwise_n_d_embed[i]` and added between attention and FFN; the last projection precedes the output heads;
+  `layerwise_n_d_embed[i]` and added between attention and FFN; the last projection precedes the output heads
+  (official layerwise_n_d_embed=True, every release; with False the raw embedding is added at those places and
+  the state_dict has no layerwise_n_d_embed.*; the official n_d_embed_enable=False crashes, so it has no twin);
 * a PixArt-style final layer (`final_layer_conti`) for the continuous output; no class dropout, no CFG.
 Facts: ../shared/reference/var-architecture.md §4.
 """
@@ -17,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dd.models.dd_common import FinalLayer, nearest_code
 from dd.models.var import (VAR, AdaLNBeforeHead, VARConfig, check_labels, init_var_weights, make_blocks,
                            make_shared_ada_lin, per_scale_pos_embedding, scale_index_per_position, trunc_normal_)
 
@@ -27,24 +30,10 @@ def student_attention_bias(levels: torch.Tensor) -> torch.Tensor:
     return torch.where(allowed, 0.0, -math.inf).reshape(1, 1, len(levels), len(levels))
 
 
-class FinalLayer(nn.Module):
-    """PixArt's T2IFinalLayer: LN (no affine), modulated by scale_shift_table + the raw class embedding
-    (row 0 = shift, row 1 = scale), then Linear(C, Cvae)."""
-
-    def __init__(self, embed_dim: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(embed_dim, elementwise_affine=False, eps=1e-6)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, embed_dim) / embed_dim ** 0.5)
-        self.linear = nn.Linear(embed_dim, out_channels)
-
-    def forward(self, x, cond_BD):
-        shift, scale = (self.scale_shift_table[None] + cond_BD[:, None]).chunk(2, dim=1)   # each [B, 1, C]
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
-
-
 class VARDD(nn.Module):
-    def __init__(self, config: VARConfig):
-        """`config` is the teacher's VARConfig (same width, depth, patch_nums); cond_drop_rate is not used."""
+    def __init__(self, config: VARConfig, layerwise_n_d_embed: bool = True):
+        """`config` is the teacher's VARConfig (same width, depth, patch_nums); cond_drop_rate is not used.
+        layerwise_n_d_embed: the official option of that name (True in every released checkpoint)."""
         super().__init__()
         self.config = config
         self.C = C = config.embed_dim
@@ -72,7 +61,8 @@ class VARDD(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, config.norm_eps)
         self.head = nn.Linear(C, self.V)
         self.n_d_embed = nn.Embedding(2, C)
-        self.layerwise_n_d_embed = nn.ModuleList([nn.Linear(C, C) for _ in range(config.depth + 1)])
+        self.layerwise_n_d_embed = (nn.ModuleList([nn.Linear(C, C) for _ in range(config.depth + 1)])
+                                    if layerwise_n_d_embed else None)
         self.final_layer_conti = FinalLayer(C, self.Cvae)
 
         # not in the checkpoint: the teacher scale of each teacher position, and the VQVAE codebook (attach_codebook)
@@ -144,12 +134,16 @@ class VARDD(nn.Module):
         n_d = self.n_d_embed((self.lvl_1L <= t[:, None]).long())        # [B, L + 1, C]
         h = h + n_d
         cond = self.shared_ada_lin(cond_BD)
-        for block, n_d_proj in zip(self.blocks, self.layerwise_n_d_embed):
-            h = block(h, cond, self.attn_bias_for_masking, n_d_emb=n_d_proj(n_d))
-        h = h + self.layerwise_n_d_embed[-1](n_d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, self.attn_bias_for_masking, n_d_emb=self._n_d_at(i, n_d))
+        h = h + self._n_d_at(len(self.blocks), n_d)
         x_BLV = self.head(self.head_nm(h, cond_BD))[:, 1:]
-        x_BLCv = self.final_layer_conti(h, cond_BD)[:, 1:]
+        x_BLCv = self.final_layer_conti(h, cond_BD[:, None])[:, 1:]
         return x_BLCv, x_BLV
+
+    def _n_d_at(self, place: int, n_d):
+        """The noise/data embedding added at block `place` (place = depth: before the heads)."""
+        return n_d if self.layerwise_n_d_embed is None else self.layerwise_n_d_embed[place](n_d)
 
     def perturb(self, x, t, noise=None, generator=None):
         """Keep scales < t of x, replace scales >= t by noise (a fresh N(0, I) draw when None)."""
@@ -160,11 +154,8 @@ class VARDD(nn.Module):
         return torch.where(self.noise_mask(t)[..., None], noise, x)
 
     def nearest_code(self, x):
-        """Index of the nearest codebook vector (squared L2) of each token [B, L, Cvae] -> [B, L], by one matmul
-        (||x||^2 - 2 x.c + ||c||^2) instead of the official [V, B, L, Cvae] difference tensor."""
-        codebook = self._require_codebook("nearest_code")
-        distance = x.square().sum(-1, keepdim=True) - 2 * x @ codebook.T + codebook.square().sum(-1)
-        return distance.argmin(dim=-1)
+        """Index of the nearest codebook vector (squared L2) of each token [B, L, Cvae] -> [B, L]."""
+        return nearest_code(x, self._require_codebook("nearest_code"))
 
     def final_predict(self, label_B, x_t, t):
         """Forward, then put the given scales (< t) back: continuous = the input, logits = 0 at the input's nearest
