@@ -55,6 +55,12 @@ class Gates:
     sample_accuracy: float
     num_samples: int  # teacher samples drawn to measure sample_accuracy
     enforce: bool
+    # Distribution gates (issue 12: class accuracy alone passes a mode-collapsed teacher). 0 = not checked.
+    # sample_diversity: the samples' same-class pixel diversity / the test digits' (at least this);
+    # sample_fid_ratio: Frechet distance of the samples to the test digits over that of train digits to the test
+    # digits, both in the gate classifier's features (at most this).
+    sample_diversity: float = 0.0
+    sample_fid_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ class Distill:
     checkpoint_every: int
     log_every: int
     loss_weights: dict[str, float]  # ce / perceptual / mse
-    perceptual: str  # "lpips" (paper rows) or "feature" (toy: the digit classifier's features)
+    perceptual: str  # "lpips" (paper rows), "random" (toy: random-weight conv features) or "feature" (classifier)
     seed: int
 
 
@@ -252,8 +258,9 @@ def _validate_setting(s: Setting, file: Path):
     d = s.distill
     if not d.t_list or d.t_list[0] != 0 or sorted(set(d.t_list)) != d.t_list:
         raise ConfigError(f"{file}: key '{where}.distill.t_list' must start at 0 and increase (got {d.t_list})")
-    if d.perceptual not in ("lpips", "feature"):
-        raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips' or 'feature' (got {d.perceptual!r})")
+    if d.perceptual not in ("lpips", "random", "feature"):
+        raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips', 'random' or 'feature' "
+                          f"(got {d.perceptual!r})")
     unknown = set(d.loss_weights) - {"ce", "perceptual", "mse"}
     if unknown:
         raise ConfigError(f"{file}: unknown key '{where}.distill.loss_weights.{sorted(unknown)[0]}' "
