@@ -8,6 +8,7 @@ the pipeline sees it (the perceptual term of the toy uses its own network): it o
 
 Per method, n samples (balanced labels unless they come from the pairs):
   real      : n train digits vs the 1000 test digits (the real-vs-real floor)
+  recon     : the tokenizer's reconstructions of those n train digits (what the teacher can reach)
   teacher   : the teacher's samples = the first n pairs' tokens (the flow map draws from the teacher's p)
   dd-1step / dd-2step : the student of results/<S>/student (the distill t_list and split)
   onestep*  : every token drawn independently from its per-class, per-position frequency in the pairs
@@ -177,6 +178,15 @@ def run(params_path: str, setting_name: str, n: int, student: str | None, method
         results["real"]["diversity_test"] = diversity(test_x, test_y)
     if set(methods) <= {"real"}:
         return results
+    if "recon" in methods:  # the tokenizer's reconstructions of train digits: the teachers' floor
+        from dd.toy_teacher import LlamaGenToy, VarToy, load_toy_teacher
+        tokenizer, model, _, info = load_toy_teacher(teacher_dir(params, setting))
+        toy = (LlamaGenToy if info["family"] == "llamagen" else VarToy)(tokenizer, model)
+        train_x, train_y = data.load_mnist("train", size)
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:n]
+        with torch.no_grad():
+            recon = torch.cat([toy.reconstruct(chunk) for chunk in train_x[pick].split(250)])
+        results["recon"] = measure(net, ref, recon, train_y[pick])
     teacher = load_teacher(setting, teacher_dir(params, setting))
     pairs = load_pairs(pairs_dir(params, setting), n)
     if "teacher" in methods:
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", required=True)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--student", default=None)
-    parser.add_argument("--methods", default="real,teacher,onestep*,dd-1step,dd-2step")
+    parser.add_argument("--methods", default="real,recon,teacher,onestep*,dd-1step,dd-2step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
