@@ -383,11 +383,15 @@ def same_class_diversity(images, labels) -> float:
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    import warnings
+
     from scipy import linalg
 
     a, b = a.double().numpy(), b.double().numpy()
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b).real
+    with warnings.catch_warnings():  # a collapsed sampler has a singular covariance: that is what it measures
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b).real
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
