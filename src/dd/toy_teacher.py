@@ -405,7 +405,8 @@ def distribution_metrics(classifier, samples, labels, train_x, test_x, test_y) -
 
     classifier.eval()
     reference = features(test_x)
-    floor = frechet_distance(features(train_x[:len(samples)]), reference)
+    spread = torch.linspace(0, len(train_x) - 1, min(len(samples), len(train_x))).long()  # the split is sorted
+    floor = frechet_distance(features(train_x[spread]), reference)  # by class: take every class alike
     fid = frechet_distance(features(samples), reference)
     return {"sample_diversity": same_class_diversity(samples, labels) / same_class_diversity(test_x, test_y),
             "sample_fid": fid, "real_fid": floor, "sample_fid_ratio": fid / max(floor, 1e-12)}
