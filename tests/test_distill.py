@@ -135,6 +135,24 @@ def test_lpips_offline_is_one_clear_error(monkeypatch, tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
+def test_random_feature_distance_is_fixed_and_sees_style():
+    """The toy's perceptual network: the same weights in every process (seeded), zero on equal images, and a
+    thicker stroke of the same digit is farther than the digit itself (a style change the classifier ignores)."""
+    from dd.data import load_mnist
+
+    digits, _ = load_mnist("test", 16)
+    digits = digits[:8]
+    first, second = distill.RandomFeatureDistance(), distill.RandomFeatureDistance()
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    assert torch.all(first(digits, digits) == 0)
+    thicker = torch.nn.functional.max_pool2d(digits, 3, stride=1, padding=1)  # dilated strokes
+    assert torch.all(first(thicker, digits) > 0.05)
+    images = digits.clone().requires_grad_()
+    first(images, thicker).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------- training
 def test_losses_decrease_with_every_term(tmp_path):
     """CE, the continuous-head MSE and the perceptual term (decoded images, feature distance) all fall."""

@@ -213,3 +213,26 @@ def test_paper_settings_build_the_official_layouts(setting_name, stem, role):
     wrong = [k for k, v in state.items()
              if list(v.shape) != expected[k]["shape"] or str(v.dtype) != "torch." + expected[k]["dtype"]]
     assert not wrong, wrong[:5]
+
+
+def test_distribution_gates_fail_a_collapsed_sampler():
+    """The teacher stage's distribution gates: the real train digits pass, one prototype per class fails both
+    the diversity and the Frechet-distance gate (class accuracy alone would pass it)."""
+    from dd import data
+    from dd.config import Gates
+    from dd.toy_teacher import distribution_metrics, gate_table
+
+    torch.manual_seed(0)
+    classifier = data.DigitClassifier(data.DigitClassifierConfig(image_size=16))  # random features suffice here
+    train_x, train_y = data.load_mnist("train", 16)
+    test_x, test_y = data.load_mnist("test", 16)
+    gates = Gates(classifier_accuracy=0.0, reconstruction_accuracy=0.0, sample_accuracy=0.0, num_samples=400,
+                  enforce=True, sample_diversity=0.7, sample_fid_ratio=6.0)
+    pick = torch.arange(0, 4000, 10)
+    real = distribution_metrics(classifier, train_x[pick], train_y[pick], train_x[1::10], test_x, test_y)
+    prototypes = train_x[train_y * 400][pick]  # the first train digit of each class, repeated
+    collapsed = distribution_metrics(classifier, prototypes, train_y[pick], train_x[1::10], test_x, test_y)
+    base = {"classifier_accuracy": 1.0, "reconstruction_accuracy": 1.0, "sample_accuracy": 1.0}
+    assert gate_table("toy", {**base, **real}, gates)[1] == []
+    failed = gate_table("toy", {**base, **collapsed}, gates)[1]
+    assert [f.split()[0] for f in failed] == ["sample_diversity", "sample_fid_ratio"]

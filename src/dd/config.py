@@ -57,6 +57,12 @@ class Gates:
     sample_accuracy: float
     num_samples: int  # teacher samples drawn to measure sample_accuracy
     enforce: bool
+    # Distribution gates (issue 12: class accuracy alone passes a mode-collapsed teacher). 0 = not checked.
+    # sample_diversity: the samples' same-class pixel diversity / the test digits' (at least this);
+    # sample_fid_ratio: Frechet distance of the samples to the test digits over that of train digits to the test
+    # digits, both in the gate classifier's features (at most this).
+    sample_diversity: float = 0.0
+    sample_fid_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class Distill:
     checkpoint_every: int
     log_every: int
     loss_weights: dict[str, float]  # ce / perceptual / mse
-    perceptual: str  # "lpips" (paper rows) or "feature" (toy: the digit classifier's features)
+    perceptual: str  # "lpips" (paper rows), "random" (toy: random-weight conv features) or "feature" (classifier)
     seed: int
 
 
@@ -383,6 +389,9 @@ def _validate_setting(s: Setting, file: Path):
         for key in ("classifier_accuracy", "reconstruction_accuracy", "sample_accuracy"):
             probability(f"teacher.gates.{key}", getattr(t.gates, key))
         positive("teacher.gates.num_samples", t.gates.num_samples)
+        probability("teacher.gates.sample_diversity", t.gates.sample_diversity)
+        require(t.gates.sample_fid_ratio >= 0, "teacher.gates.sample_fid_ratio", t.gates.sample_fid_ratio,
+                ">= 0 (0 = not checked)")
 
     # the teacher's sampling distribution: one meaning per key across both families
     ts, vocab = s.teacher_sampling, vocab_size(s)
@@ -419,8 +428,9 @@ def _validate_setting(s: Setting, file: Path):
     # a warm-up longer than the run is allowed: the rate then never reaches lr (micro test runs do this)
     require(d.warmup_steps >= 0, "distill.warmup_steps", d.warmup_steps, "an integer >= 0")
     seed("distill.seed", d.seed)
-    if d.perceptual not in ("lpips", "feature"):
-        raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips' or 'feature' (got {d.perceptual!r})")
+    if d.perceptual not in ("lpips", "random", "feature"):
+        raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips', 'random' or 'feature' "
+                          f"(got {d.perceptual!r})")
     unknown = set(d.loss_weights) - {"ce", "perceptual", "mse"}
     if unknown:
         raise ConfigError(f"{file}: unknown key '{where}.distill.loss_weights.{sorted(unknown)[0]}' "

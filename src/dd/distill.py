@@ -284,6 +284,45 @@ class FeatureDistance(torch.nn.Module):
         return (features - target_features).square().sum(-1) + (images - targets).square().flatten(1).mean(-1)
 
 
+class RandomFeatureDistance(torch.nn.Module):
+    """Toy stand-in for LPIPS that sees style: an untrained conv net with fixed, seeded weights (3 levels of
+    3x3 conv + ReLU at full, 1/2 and 1/4 resolution), LPIPS-style channel-normalised activations, squared
+    distance averaged over positions and summed over levels, + pixel MSE; per example (B,). Images in [-1, 1].
+    Random features keep stroke, slant and thickness (a classifier's features are trained to ignore them, and
+    a student trained against them collapses to class prototypes: issue 12)."""
+
+    SEED = 20241226
+    WIDTHS = (32, 64, 128)
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(self.SEED)
+        layers, in_ch = [], 3
+        for width in self.WIDTHS:
+            conv = torch.nn.Conv2d(in_ch, width, 3, padding=1)
+            with torch.no_grad():  # He-normal weights, zero bias: ReLU activations neither vanish nor explode
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / (in_ch * 9)) ** 0.5)
+                conv.bias.zero_()
+            layers.append(conv)
+            in_ch = width
+        self.layers = torch.nn.ModuleList(layers).requires_grad_(False)
+
+    def _features(self, x):
+        out = []
+        for level, conv in enumerate(self.layers):
+            if level:
+                x = F.avg_pool2d(x, 2)
+            x = F.relu(conv(x))
+            out.append(x / (x.square().sum(1, keepdim=True) + 1e-10).sqrt())
+        return out
+
+    def forward(self, images, targets):
+        distance = (images - targets).square().flatten(1).mean(-1)
+        for a, b in zip(self._features(images), self._features(targets)):
+            distance = distance + (a - b).square().sum(1).flatten(1).mean(-1)
+        return distance
+
+
 class LpipsDistance(torch.nn.Module):
     """LPIPS (VGG trunk, v0.1) per example (B,). Built on first use: its trunk needs torchvision's ImageNet VGG16
     weights, which torch.hub downloads (or finds in its cache)."""
@@ -314,9 +353,12 @@ class LpipsDistance(torch.nn.Module):
 
 
 def perceptual_distance(kind: str, teacher_dir: Path | None = None) -> torch.nn.Module:
-    """The perceptual term of the setting: "lpips" or "feature" (needs the toy teacher's classifier)."""
+    """The perceptual term of the setting: "lpips", "random" (random-weight conv features, toy) or "feature"
+    (needs the toy teacher's classifier)."""
     if kind == "lpips":
         return LpipsDistance("vgg")
+    if kind == "random":
+        return RandomFeatureDistance()
     if kind == "feature":
         from dd.data import load_classifier
 
@@ -327,7 +369,7 @@ def perceptual_distance(kind: str, teacher_dir: Path | None = None) -> torch.nn.
             raise StageError(f"{path}: the 'feature' perceptual loss needs the toy teacher's digit classifier; "
                              f"use perceptual: lpips for settings without one")
         return FeatureDistance(load_classifier(path))
-    raise StageError(f"unknown perceptual loss {kind!r}; expected 'lpips' or 'feature'")
+    raise StageError(f"unknown perceptual loss {kind!r}; expected 'lpips', 'random' or 'feature'")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ Steps (all inside one MLflow run and one atomic output folder):
      train the AR teacher (LlamaGenGPT / VAR) with class dropout, as needed for CFG;
   4. gates: classifier test accuracy; classifier accuracy on tokenizer reconstructions of the test split;
      the fraction of teacher samples (the setting's teacher_sampling, uniform labels, fixed seed) that the
-     classifier assigns to their conditioning class.
+     classifier assigns to their conditioning class; and two distribution gates on the same samples, so that a
+     teacher that buys class accuracy with diversity (high cfg) fails: their same-class pixel diversity
+     relative to the test digits', and their Frechet distance to the test digits in the classifier's features
+     relative to the train-vs-test floor.
 
 The folder gets tokenizer.safetensors, teacher.safetensors, classifier.safetensors, judge.safetensors (the
 evaluate stage's independent toy judge, dd.judge; nothing here or later trains on it), teacher.json (the
@@ -351,14 +354,61 @@ def teacher_test_loss(toy, tokens: dict, labels, batch_size: int = 250) -> float
 # --------------------------------------------------------------------------------------------------
 # Gates and pictures
 # --------------------------------------------------------------------------------------------------
+def same_class_diversity(images, labels) -> float:
+    """Mean pairwise L2 distance (one channel, pixels in [-1, 1]) between images of the same class, averaged
+    over the classes: a mode-collapsed sampler scores far below the real digits."""
+    grey = images[:, 0].flatten(1).double()
+    per_class = []
+    for c in labels.unique():
+        x = grey[labels == c]
+        if len(x) > 1:
+            per_class.append(torch.cdist(x, x).sum().item() / (len(x) * (len(x) - 1)))
+    return float(np.mean(per_class))
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    import warnings
+
+    from scipy import linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # a collapsed sampler has a singular covariance: that is what it measures
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+@torch.no_grad()
+def distribution_metrics(classifier, samples, labels, train_x, test_x, test_y) -> dict:
+    """The teacher's samples against the test digits: same-class diversity ratio, and the Frechet distance in
+    the gate classifier's features relative to the real-vs-real floor (as many train digits vs the test ones).
+    The classifier only gates here; the evaluation's FID uses an independent judge."""
+    def features(x):
+        return torch.cat([classifier.features(chunk) for chunk in x.split(500)])
+
+    classifier.eval()
+    reference = features(test_x)
+    spread = torch.linspace(0, len(train_x) - 1, min(len(samples), len(train_x))).long()  # the split is sorted
+    floor = frechet_distance(features(train_x[spread]), reference)  # by class: take every class alike
+    fid = frechet_distance(features(samples), reference)
+    return {"sample_diversity": same_class_diversity(samples, labels) / same_class_diversity(test_x, test_y),
+            "sample_fid": fid, "real_fid": floor, "sample_fid_ratio": fid / max(floor, 1e-12)}
+
+
 def gate_table(name: str, values: dict, gates) -> tuple[str, list]:
     rows, failed = [], []
-    for key in ("classifier_accuracy", "reconstruction_accuracy", "sample_accuracy"):
+    checks = [(key, ">=") for key in ("classifier_accuracy", "reconstruction_accuracy", "sample_accuracy",
+                                      "sample_diversity")] + [("sample_fid_ratio", "<=")]
+    for key, sense in checks:
         value, threshold = values[key], getattr(gates, key)
-        ok = value >= threshold
+        if not threshold:
+            continue  # 0 = not checked
+        ok = value >= threshold if sense == ">=" else value <= threshold
         if not ok:
-            failed.append(f"{key} {value:.4f} < {threshold:.4f}")
-        rows.append(f"  {key:<25} {value:>7.4f}   >= {threshold:.4f}   {'PASS' if ok else 'FAIL'}")
+            failed.append(f"{key} {value:.4f} {'<' if sense == '>=' else '>'} {threshold:.4f}")
+        rows.append(f"  {key:<25} {value:>7.4f}   {sense} {threshold:.4f}   {'PASS' if ok else 'FAIL'}")
     header = (f"[teacher] {name}: quality gates ({'enforced' if gates.enforce else 'reported only'})\n"
               f"  {'gate':<25} {'value':>7}   threshold   result")
     return "\n".join([header, *rows]), failed
@@ -476,6 +526,7 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     sample_generator = torch.Generator().manual_seed(train.seed)
     samples = torch.cat([toy.sample(chunk, sampling, sample_generator) for chunk in labels.split(SAMPLE_BATCH)])
     metrics["sample_accuracy"] = (data.classify(classifier, samples) == labels).float().mean().item()
+    metrics.update(distribution_metrics(classifier, samples, labels, train_x, test_x, test_y))
     samples_grid(samples, labels).save(out / FILES["samples"])
     t = timed("samples", t)
     timings["total"] = time.perf_counter() - started
