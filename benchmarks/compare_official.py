@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -317,6 +318,8 @@ def main(argv=None) -> None:
         if not (official / ("VAR" if family == "var" else "LlamaGen")).is_dir():
             raise SystemExit(f"compare_official: {official} is not a microsoft/distilled_decoding checkout")
 
+    # a killed run must not leave gigabytes of weights behind in the temporary folder
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("compare_official: terminated"))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dd-compare-") as tmp:
         weights = Path(tmp)
