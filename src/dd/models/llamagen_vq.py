@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dd.models.layout import decoder_layout
+
 USAGE_WINDOW = 65536  # the official `codebook_used` buffer: the most recent code indices (as floats)
 
 
@@ -73,9 +75,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        # Without autograd (sampling), activations and the residual sum work in place (same values, fewer
+        # full-resolution allocations: the decoder is most of a one-step image on the CPU).
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return h.add_(shortcut) if inplace else shortcut + h
 
 
 class AttnBlock(nn.Module):
@@ -257,8 +263,8 @@ class VQModel(nn.Module):
         return quant, indices
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        """Code vectors (B, C, h, w) -> image (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(quant))
+        """Code vectors (B, C, h, w) -> image (B, 3, h*f, w*f) contiguous NCHW, nominally in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(decoder_layout(quant))).contiguous()
 
     def decode_code(self, indices: torch.Tensor, shape) -> torch.Tensor:
         """Indices with B*h*w entries (any layout, raster order per image) and shape (B, C, h, w) -> image."""

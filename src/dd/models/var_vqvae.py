@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dd.models.layout import decoder_layout
+
 
 # ----------------------------------------------------------------------------------- conv backbone
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -36,9 +38,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        # Without autograd (sampling), activations and the residual sum work in place: the decoder is most of a
+        # one-step image on the CPU, and every saved full-resolution allocation counts. Same values either way.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        return h.add_(self.nin_shortcut(x)) if inplace else self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -52,10 +57,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)     # each [B, C, HW]
-        weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C ** -0.5, dim=2)  # [B, HW(query), HW(key)]
-        attended = torch.bmm(v, weights.transpose(1, 2)).reshape(B, C, H, W)
-        return x + self.proj_out(attended)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 1, 3, C, H * W).transpose(3, 4).unbind(2)  # each [B, 1, HW, C]
+        attended = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, [B, 1, HW, C]
+        return x + self.proj_out(attended.transpose(2, 3).reshape(B, C, H, W))
 
 
 class Downsample2x(nn.Module):
@@ -382,8 +386,8 @@ class VQVAE(nn.Module):
 
     # --- decoding
     def fhat_to_img(self, f_hat):
-        """f_hat [B, Cvae, pn_last, pn_last] -> images clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+        """f_hat [B, Cvae, pn_last, pn_last] -> images clamped to [-1, 1] (contiguous NCHW)."""
+        return self.decoder(self.post_quant_conv(decoder_layout(f_hat))).clamp(-1, 1).contiguous()
 
     def embed_to_fhat(self, h_list, all_to_max_scale=True, last_one=False):
         return self.quantize.embed_to_fhat(h_list, all_to_max_scale, last_one)
