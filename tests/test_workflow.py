@@ -1,5 +1,6 @@
 """The DAG end to end at micro scale, through both tools: Snakemake and DVC run the toy settings'
 stages via the `dd` CLI in a throw-away project, and every stage is recorded in MLflow."""
+import json
 import os
 import sqlite3
 import subprocess
@@ -38,6 +39,24 @@ def _stage_outputs(project: Path, setting: str) -> list[Path]:
             results / "student" / "student.json"]
 
 
+# What every toy metrics file must hold (the evaluate stage's contract; null only where a value is not measured).
+METRIC_KEYS = ("fid", "precision", "recall", "n_samples", "steps", "latency_s", "params", "device", "torch_version",
+               "num_threads", "class_accuracy", "diversity", "fid_floor")
+
+
+def _check_evaluated(project: Path, setting: str) -> None:
+    """Every method of the setting was sampled and evaluated, with every metric key measured."""
+    from dd.config import load_params
+    from dd.methods import method_names
+
+    for method in method_names(load_params(project / "params.yaml").setting(setting)):
+        assert (project / "results" / setting / "samples" / method / "manifest.json").is_file(), (setting, method)
+        metrics = json.loads((project / "results" / setting / "metrics" / f"{method}.json").read_text())
+        missing = [key for key in METRIC_KEYS if metrics.get(key) is None]
+        assert not missing, (setting, method, missing)
+        assert metrics["n_samples"] == 16 and metrics["latency_s"] > 0, (setting, method)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return make_micro_project(tmp_path_factory.mktemp("micro"))
@@ -55,6 +74,9 @@ def test_snakemake_runs_the_toy_dag(project):
             assert out.is_file(), out
         for stage in ("teacher", "pairs", "distill"):
             assert f"{setting}/{stage}" in _finished_runs(project)
+        _check_evaluated(project, setting)
+    table = (project / "reports" / "table1.md").read_text()
+    assert "toy-var" in table and "toy-llamagen" in table
     again = _run([str(BIN / "snakemake"), "--cores", "2", "reproduce_table1"], project)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -66,5 +88,6 @@ def test_dvc_repro_runs_the_toy_dag(project):
     for setting in ("toy-llamagen", "toy-var"):
         for out in _stage_outputs(project, setting):
             assert out.is_file(), out
+        _check_evaluated(project, setting)
     status = _run([str(BIN / "dvc"), "status"], project)
     assert "up to date" in status.stdout
