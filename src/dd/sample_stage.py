@@ -152,8 +152,8 @@ def _student(params: Params, setting: Setting, teacher, random_weights: bool):
 
 def _random_teacher(setting: Setting, device):
     """The setting's teacher architecture with seeded random weights (latency of settings not trained here)."""
-    from dd.teacher import TEACHERS, setting_model_kwargs
-    from dd.toy_teacher import build_models
+    from dd.teacher import TEACHERS
+    from dd.models.build import build_models, setting_model_kwargs
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
