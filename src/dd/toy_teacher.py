@@ -28,6 +28,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from dd.models.llamagen_vq import VQModel
 from dd.models.var import VAR
 from dd.models.var_vqvae import VQVAE
 from dd.tracking import stage_run
+
+if TYPE_CHECKING:
+    from dd.teacher import Teacher
 
 FILES = {"tokenizer": "tokenizer.safetensors", "teacher": "teacher.safetensors",
          "classifier": "classifier.safetensors", "samples": "samples.png",
@@ -465,3 +469,30 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
         raise StageError(f"setting '{name}': teacher quality gates failed: {'; '.join(failed)}. "
                          f"Raise the training budget in params.yaml (teacher.train) or set "
                          f"teacher.gates.enforce: false to keep a weak teacher")
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy gate of the distilled student (the teacher's gates are above, in train_toy_teacher)
+# --------------------------------------------------------------------------------------------------
+TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified as their class); reported, not enforced
+
+
+@torch.no_grad()
+def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
+    """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
+    their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed).
+    Run by the distill stage (and dd.ablation) on the student it trained."""
+    from dd import sampling
+
+    ops = sampling.student_ops(ema)
+    cfg = setting.distill
+    n = setting.teacher.gates.num_samples if setting.teacher.gates else setting.sample.num_samples
+    labels = torch.arange(n) % setting.num_classes
+    result = {}
+    for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
+        if method.teacher_start is not None:
+            continue
+        images = torch.cat([x.cpu() for _, x in sampling.sample_batches(ops, method, labels, setting.sample.seed,
+                                                                        setting.sample.batch_size, teacher)])
+        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, labels)
+    return result
