@@ -25,8 +25,8 @@ import torch
 from common import machine, write_section
 import dd.teacher as teacher_module
 from dd.config import load_params
-from dd.teacher import TEACHERS, setting_model_kwargs
-from dd.toy_teacher import build_models
+from dd.teacher import TEACHERS
+from dd.models.build import build_models, setting_model_kwargs
 
 SETUPS = [  # (label, setting whose architecture + sampling + flow are used, batch)
     ("toy-var (random weights)", "toy-var", 16),

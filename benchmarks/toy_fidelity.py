@@ -159,7 +159,7 @@ def decode_batches(teacher, tokens):
 def run(params_path: str, setting_name: str, n: int, student: str | None, methods: list[str]) -> dict:
     from dd import sampling
     from dd.config import load_params
-    from dd.distill import load_student
+    from dd.models.students import load_student
     from dd.pairs import pairs_dir
     from dd.teacher import load_teacher
     from dd.teacher_stage import teacher_dir
@@ -197,7 +197,7 @@ def run(params_path: str, setting_name: str, n: int, student: str | None, method
         toks = onestep_star_tokens(pairs["tokens"], pairs["labels"], setting.num_classes, vocab, labels,
                                    torch.Generator().manual_seed(1))
         results["onestep*"] = measure(net, ref, decode_batches(teacher, toks), labels)
-    student_dir = Path(student) if student else params.path.parent / "results" / setting_name / "student"
+    student_dir = Path(student) if student else params.stage_dir(setting, "student")
     if (student_dir / "student.json").is_file():
         model = load_student(student_dir, teacher)
         ops = sampling.student_ops(model)

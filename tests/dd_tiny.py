@@ -7,11 +7,11 @@ import dd  # noqa: F401  (torchvision shim first)
 import torch
 
 from dd.config import Distill, TeacherSampling
-from dd.distill import TensorPairs
 from dd.models.llamagen import GPTConfig, LlamaGenGPT
 from dd.models.llamagen_vq import VQConfig, VQModel
 from dd.models.var import VAR, var_config_for_depth
 from dd.models.var_vqvae import VQVAE
+from dd.pairs import TensorPairs
 from dd.teacher import LlamaGenTeacher, VarTeacher
 
 NUM_CLASSES = 4

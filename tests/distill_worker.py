@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dd_tiny import tiny_distill, tiny_teacher  # noqa: E402
 
-from dd.distill import TensorPairs, train_student  # noqa: E402
+from dd.distill import train_student  # noqa: E402
+from dd.pairs import TensorPairs  # noqa: E402
 
 
 def run(family: str, pairs_file: Path, work: Path, out: Path, drop_path: float, overrides: dict,

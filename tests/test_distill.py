@@ -16,12 +16,15 @@ from safetensors.torch import load_file, save_file
 
 import yaml
 
-from dd import cli, distill, sampling
+from dd import cli, distill, losses, sampling
 from dd.config import load_params
 from dd.data import DigitClassifier, DigitClassifierConfig, load_classifier, save_classifier
 from dd.errors import StageError
 from dd.hub import sha256_of
+from dd.models.students import init_student, load_student
+from dd.pairs import ShardedPairs, TensorPairs
 from dd.teacher import load_teacher
+from dd.toy_teacher import toy_gate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dd_tiny import tiny_distill, tiny_pairs, tiny_teacher  # noqa: E402
@@ -76,7 +79,7 @@ def test_sharded_pairs_reads_the_pairs_stage_layout(tmp_path):
                         "sha256": sha256_of(tmp_path / f"shard-{i:05d}.safetensors")})
     manifest = {"complete": True, "codebook_sha256": teacher.codebook_sha256(), "setting": "tiny", "shards": entries}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    pairs = distill.ShardedPairs(tmp_path, teacher)
+    pairs = ShardedPairs(tmp_path, teacher)
     assert len(pairs) == 8
     indices = torch.tensor([6, 0, 4, 5, 7, 1])
     labels, noise, tokens = pairs.get(indices)
@@ -85,7 +88,7 @@ def test_sharded_pairs_reads_the_pairs_stage_layout(tmp_path):
     assert torch.equal(noise, whole["noise"][indices])
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "codebook_sha256": "0" * 64}))
     with pytest.raises(StageError, match="another codebook"):
-        distill.ShardedPairs(tmp_path, teacher)
+        ShardedPairs(tmp_path, teacher)
 
 
 def test_a_bad_pair_shard_is_one_line_naming_the_file(tmp_path):
@@ -99,19 +102,19 @@ def test_a_bad_pair_shard_is_one_line_naming_the_file(tmp_path):
     manifest = {"complete": True, "codebook_sha256": teacher.codebook_sha256(), "setting": "tiny",
                 "shards": [{"index": 0, "file": path.name, "count": 4, "sha256": sha256_of(path)}]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert len(distill.ShardedPairs(tmp_path, teacher)) == 4
+    assert len(ShardedPairs(tmp_path, teacher)) == 4
     for damage in (lambda: path.write_bytes(good[:-100]),                         # truncated
                    lambda: path.write_bytes(good[:-1] + bytes([good[-1] ^ 1])),  # one bit changed
                    lambda: path.unlink()):                                       # missing
         damage()
         with pytest.raises(StageError) as err:
-            distill.ShardedPairs(tmp_path, teacher)
+            ShardedPairs(tmp_path, teacher)
         assert str(path) in str(err.value) and "\n" not in str(err.value) and "dd pairs" in str(err.value)
         path.write_bytes(good)
     # without the hash check, the truncated shard is still one line naming the file (the reader's own check)
     path.write_bytes(good[:-100])
     with pytest.raises(StageError, match="not a readable pair shard") as err:
-        distill.ShardedPairs(tmp_path, teacher, verify=False)
+        ShardedPairs(tmp_path, teacher, verify=False)
     assert str(path) in str(err.value)
 
 
@@ -128,7 +131,7 @@ def test_lpips_offline_is_one_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
-    distance = distill.perceptual_distance("lpips")
+    distance = losses.perceptual_distance("lpips")
     images = torch.zeros(1, 3, 32, 32)
     with pytest.raises(StageError, match=r"vgg16-397923af\.pth") as err:
         distance(images, images)
@@ -142,7 +145,7 @@ def test_random_feature_distance_is_fixed_and_sees_style():
 
     digits, _ = load_mnist("test", 16)
     digits = digits[:8]
-    first, second = distill.RandomFeatureDistance(), distill.RandomFeatureDistance()
+    first, second = losses.RandomFeatureDistance(), losses.RandomFeatureDistance()
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
     assert torch.all(first(digits, digits) == 0)
@@ -159,7 +162,7 @@ def test_losses_decrease_with_every_term(tmp_path):
     teacher = tiny_teacher("llamagen")
     pairs = tiny_pairs(teacher, count=32)
     torch.manual_seed(0)
-    perceptual = distill.FeatureDistance(DigitClassifier())  # untrained: a fixed random feature network
+    perceptual = losses.FeatureDistance(DigitClassifier())  # untrained: a fixed random feature network
     cfg = tiny_distill(max_steps=20, batch_size=8, lr=2e-3, log_every=4, checkpoint_every=1000,
                        loss_weights={"ce": 1.0, "perceptual": 1.0, "mse": 1.0})
     history = distill.train_student(teacher, pairs, cfg, tmp_path, perceptual=perceptual, cpu=True,
@@ -219,8 +222,8 @@ def crashed_run(teacher, pairs, work, crash: int, **overrides):
 def test_resume_is_tied_to_the_pairs_not_their_count(var_pairs, tmp_path):
     """Checkpoints of a run on other pairs of the same count are discarded, not resumed."""
     teacher = tiny_teacher("var")
-    pairs = distill.TensorPairs(**load_file(var_pairs))
-    other = distill.TensorPairs(pairs.labels, pairs.noise.flip(0), pairs.tokens.flip(0))
+    pairs = TensorPairs(**load_file(var_pairs))
+    other = TensorPairs(pairs.labels, pairs.noise.flip(0), pairs.tokens.flip(0))
     assert len(other) == len(pairs) and other.identity != pairs.identity
     work = tmp_path / "student.partial"
     assert crashed_run(teacher, pairs, work, crash=5) == ["step-00000004"]
@@ -233,7 +236,7 @@ def test_logging_cadence_and_a_raised_max_steps_continue_the_run(var_pairs, tmp_
     """log_every, checkpoint_every and max_steps are not part of the fingerprint: changing them resumes; the
     resumed run's first steps are those of the interrupted run (same data order, same weights)."""
     teacher = tiny_teacher("var")
-    pairs = distill.TensorPairs(**load_file(var_pairs))
+    pairs = TensorPairs(**load_file(var_pairs))
     work = tmp_path / "student.partial"
     crashed_run(teacher, pairs, work, crash=6)
     state = json.loads((work / "step-00000004" / "state.json").read_text())
@@ -249,7 +252,7 @@ def test_logging_cadence_and_a_raised_max_steps_continue_the_run(var_pairs, tmp_
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optim.pt", "state.json"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(var_pairs, tmp_path, damaged):
     teacher = tiny_teacher("var")
-    pairs = distill.TensorPairs(**load_file(var_pairs))
+    pairs = TensorPairs(**load_file(var_pairs))
     work = tmp_path / "student.partial"
     assert crashed_run(teacher, pairs, work, crash=9) == ["step-00000004", "step-00000008"]
     target = work / "step-00000008" / damaged
@@ -270,7 +273,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(var_pairs, tmp_p
 def test_micro_batches_accumulate_to_the_whole_batch(var_pairs, tmp_path):
     """--micro-batch is a memory setting: 2 micro-batches of 4 give the update of one batch of 8."""
     teacher = tiny_teacher("var")
-    pairs = distill.TensorPairs(**load_file(var_pairs))
+    pairs = TensorPairs(**load_file(var_pairs))
     cfg = tiny_distill(max_steps=4, checkpoint_every=1000)
     whole = distill.train_student(teacher, pairs, cfg, tmp_path / "whole", cpu=True, progress=False)
     split = distill.train_student(teacher, pairs, cfg, tmp_path / "split", cpu=True, micro_batch=4, progress=False)
@@ -307,7 +310,7 @@ def test_two_process_ddp_matches_one_process(var_pairs, tmp_path):
         torch.testing.assert_close(ddp_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
     # and it is not trivially equal: the weights moved
     assert not torch.allclose(single.ema.state_dict()["head.weight"],
-                              distill.init_student(tiny_teacher("var"), 0).state_dict()["head.weight"])
+                              init_student(tiny_teacher("var"), 0).state_dict()["head.weight"])
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -356,10 +359,10 @@ def test_distill_stage_end_to_end(stage_project, monkeypatch, name):
     info = json.loads((out / "student.json").read_text())
     assert info["t_list"] == setting.distill.t_list and info["split"] == setting.distill.split
     teacher = load_teacher(setting, root / "results" / name / "teacher")
-    student = distill.load_student(out, teacher)
+    student = load_student(out, teacher)
     # the reported toy gate is the classifier's verdict on the saved student's samples, recomputed here
     classifier = load_classifier(root / "results" / name / "teacher" / "classifier.safetensors")
-    assert distill.toy_gate(student, teacher, setting, classifier) == {
+    assert toy_gate(student, teacher, setting, classifier) == {
         k: metrics[k] for k in ("dd-1step.class_accuracy", "dd-2step.class_accuracy")}
     assert student.state_dict().keys() == load_file(out / distill.STUDENT_FILE).keys()
     ops = sampling.student_ops(student)

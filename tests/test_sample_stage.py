@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from dd import hub, sampling
 from dd.cli import main
 from dd.config import ConfigError, load_params
-from dd.distill import STUDENT_FILE, load_student, new_student, student_constructor
+from dd.distill import STUDENT_FILE
+from dd.models.students import load_student, new_student, student_constructor
 from dd.errors import StageError
 from dd.methods import all_methods, sample_jobs
 from dd.sample_stage import (balanced_labels, build_sampler, read_manifest, read_samples, run_sample_stage,

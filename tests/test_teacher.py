@@ -15,8 +15,8 @@ import torch
 from dd.errors import StageError
 from dd.models.llamagen import sampling_probs as llamagen_sampling_probs
 from dd.models.var import sampling_probs as var_sampling_probs
-from dd.teacher import LlamaGenTeacher, VarTeacher, load_teacher, setting_model_kwargs
-from dd.toy_teacher import build_models
+from dd.teacher import LlamaGenTeacher, VarTeacher, load_teacher
+from dd.models.build import build_models, setting_model_kwargs
 from tiny_teacher import REPO, TOY_SETTINGS, peaked_models, single_thread, tiny_project  # noqa: F401
 
 MANIFEST_DIR = Path(os.environ.get("DD_MANIFESTS", REPO.parent / "shared" / "reference" / "manifests"))

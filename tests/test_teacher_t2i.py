@@ -14,9 +14,9 @@ import torch
 from dd.config import TeacherSampling, load_params
 from dd.models.llamagen import GPTConfig, LlamaGenGPT, sampling_probs
 from dd.models.llamagen_vq import VQConfig, VQModel
-from dd.teacher import Captions, LlamaGenTeacher, setting_model_kwargs
+from dd.teacher import Captions, LlamaGenTeacher
 from dd.text_encoder import left_pad_captions
-from dd.toy_teacher import build_models
+from dd.models.build import build_models, setting_model_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_DIR = Path(os.environ.get("DD_MANIFESTS", REPO.parent / "shared" / "reference" / "manifests"))

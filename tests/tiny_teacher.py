@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from dd.config import load_params
-from dd.toy_teacher import build_models, teacher_kwargs, tokenizer_kwargs
+from dd.models.build import build_models, teacher_kwargs, tokenizer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_SETTINGS = ("toy-var", "toy-llamagen")

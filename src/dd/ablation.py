@@ -66,7 +66,8 @@ def variants(setting: Setting, num_units: int) -> dict[str, dict]:
 
 def run_variant(params: Params, setting: Setting, name: str, change: dict, steps: int, teacher, pairs, classifier,
                 perceptual) -> dict:
-    from dd.distill import toy_gate, train_student
+    from dd.distill import train_student
+    from dd.toy_teacher import toy_gate
     from dd.tracking import stage_run
 
     folder = params.stage_dir(setting, "ablation")
@@ -96,8 +97,8 @@ def run_variant(params: Params, setting: Setting, name: str, change: dict, steps
 
 def ablate(params: Params, setting: Setting, steps: int | None) -> list[dict]:
     from dd.data import load_classifier
-    from dd.distill import ShardedPairs, perceptual_distance
-    from dd.pairs import pairs_dir
+    from dd.losses import perceptual_distance
+    from dd.pairs import ShardedPairs, pairs_dir
     from dd.teacher import load_teacher
     from dd.teacher_stage import teacher_dir
     from dd.toy_teacher import FILES

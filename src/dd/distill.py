@@ -2,20 +2,13 @@
 
 The student starts from the teacher (`init_from_teacher`; VAR with the new level row lvl_embed[1] re-drawn,
 the released code's class_emb[1] typo corrected) and learns to jump from any trajectory point X_t, t in t_list,
-to the endpoint (reference/dd-paper.md §1.3-1.5). Per example and step:
-    t      ~ uniform over t_list                              (GUESS §6 q5: uniform over the timestep set)
-    x_t    = perturb(codebook[tokens], t, noise)              (data prefix < t + the pair's ORIGINAL noise)
-    conti, logits = student(x_t, label, t)
-    loss   = w_ce   * CE(logits, tokens)                        over positions >= t (the noise positions)
-           + w_perc * d(decode(hybrid), decode(codebook[tokens])) hybrid = target codes before max(split, t),
-                                                                   the continuous head from there on, as the
-                                                                   sampler builds its output (§1.5 GUESS)
-           + w_mse  * |conti - codebook[tokens]|^2              over positions >= t
-Every term is a per-example mean (over its positions or pixels), then a mean over the batch, so the loss of a
-global batch split over N processes is the mean of the per-process losses and DDP gradients equal those of
-one process on the whole batch. d is LPIPS (the `lpips` package, VGG trunk) for paper rows and, for the toy
-settings, the digit classifier's feature distance + pixel MSE (no download). Decoding goes through the frozen
-tokenizer of the Teacher seam (gradients flow to the continuous head).
+to the endpoint (reference/dd-paper.md §1.3-1.5). Each step draws, per example, t uniform over t_list (GUESS §6
+q5: uniform over the timestep set) and minimises dd.losses.distill_loss (CE + perceptual + MSE, per-example means,
+so N processes' mean equals one process on the whole batch).
+
+Where the other pieces live: pair shards are read by dd.pairs (ShardedPairs, TensorPairs), students are built and
+loaded by dd.models.students, the loss terms are dd.losses, the toy settings' student gate is dd.toy_teacher.toy_gate.
+This module holds the loop: data order, optimiser and schedule, EMA, checkpoints and resume, and the stage glue.
 
 Training: AdamW (no weight decay on biases and other 1-D parameters), linear warm-up then linear decay to 1% of
 lr (VAR's `lin0` schedule), gradient clipping, EMA with the warm-up min(decay, (1+s)/(10+s)), bf16 autocast on
@@ -48,19 +41,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dd import sampling
+from dd import losses, sampling
 from dd.atomic import atomic_dir, write_json
 from dd.config import Distill, Params, Setting
 from dd.errors import StageError
 from dd.hub import sha256_of
-from dd.models.dd_llamagen import LlamaGenDD, student_config
-from dd.models.dd_var import VARDD
-from dd.models.llamagen import GPTConfig
-from dd.models.var import VARConfig
+from dd.models.students import init_student, student_constructor
 from dd.teacher import Teacher
 
 STUDENT_FILE = "student.safetensors"
@@ -68,115 +57,6 @@ KEEP_CHECKPOINTS = 2
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optim.pt")  # hashed into state.json
 LR_FLOOR = 0.01  # the schedule decays linearly to this fraction of lr at max_steps
 GRID_SAMPLES = 32  # DD 1-step samples in the grids logged at checkpoints
-
-
-# --------------------------------------------------------------------------------------------------
-# Pairs
-# --------------------------------------------------------------------------------------------------
-class TensorPairs:
-    """Noise-data pairs in memory: labels (N,) int64, noise (N, L, C) float32, tokens (N, L) int64."""
-
-    def __init__(self, labels: torch.Tensor, noise: torch.Tensor, tokens: torch.Tensor):
-        if not (labels.shape[0] == noise.shape[0] == tokens.shape[0]) or tokens.shape != noise.shape[:2]:
-            raise ValueError(f"TensorPairs: labels {tuple(labels.shape)}, noise {tuple(noise.shape)} and tokens "
-                             f"{tuple(tokens.shape)} must be (N,), (N, L, C) and (N, L)")
-        self.labels, self.noise, self.tokens = labels.long(), noise.float(), tokens.long()
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def identity(self) -> str:
-        """sha256 of the pairs' content: what a checkpoint must have been trained on to be resumed."""
-        digest = hashlib.sha256()
-        for tensor in (self.labels, self.noise, self.tokens):
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    def get(self, indices: torch.Tensor):
-        return self.labels[indices], self.noise[indices], self.tokens[indices]
-
-
-def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
-    """Read-only numpy views of every tensor of a safetensors file (only the rows indexed are read)."""
-    dtypes = {"F32": np.float32, "I64": np.int64}
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-    views = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in dtypes:
-            raise StageError(f"{path}: tensor '{name}' has dtype {entry['dtype']}; pairs hold F32 noise and I64 "
-                             f"tokens/labels; re-run `dd pairs`")
-        begin, _ = entry["data_offsets"]
-        views[name] = np.memmap(path, dtype=dtypes[entry["dtype"]], mode="r", offset=8 + header_len + begin,
-                                shape=tuple(entry["shape"]))
-    return views
-
-
-class ShardedPairs:
-    """The pairs stage's output (results/<S>/pairs/: manifest.json + safetensors shards), read lazily: a batch
-    reads only its rows from the memory-mapped shards, so the data set may exceed memory.
-
-    Every shard is checked against the manifest before training (present, its sha256 (verify=False skips the
-    hash), readable with the manifest's row count): a bad shard is one StageError naming the file. `identity` is
-    the sha256 of manifest.json, which lists every shard's sha256, so it names the pairs' content."""
-
-    def __init__(self, folder: Path | str, teacher: Teacher | None = None, verify: bool = True):
-        folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise StageError(f"{folder}: no manifest.json; run `dd pairs --setting <setting>` first")
-        manifest_bytes = manifest_path.read_bytes()
-        self.identity = hashlib.sha256(manifest_bytes).hexdigest()
-        self.manifest = json.loads(manifest_bytes)
-        if not self.manifest.get("complete"):
-            raise StageError(f"{manifest_path}: the pairs are not complete; finish them with `dd pairs`")
-        if teacher is not None and self.manifest.get("codebook_sha256") != teacher.codebook_sha256():
-            raise StageError(f"{manifest_path}: the pairs were made with another codebook than this teacher's; "
-                             f"re-run `dd pairs --setting {self.manifest.get('setting')}`")
-        setting = self.manifest.get("setting")
-        redo = (f"rename {folder.name}/ to {folder.name}.partial/ and re-run `dd pairs --setting {setting}`: it "
-                f"redoes only the shards that fail their sha256")
-        self.shards = []
-        for entry in tqdm(self.manifest["shards"], desc="[distill] verifying pair shards", unit="shard",
-                          disable=len(self.manifest["shards"]) < 20):
-            path = folder / entry["file"]
-            if not path.is_file():
-                raise StageError(f"{path}: pair shard missing; {redo}")
-            if verify and sha256_of(path) != entry.get("sha256"):
-                raise StageError(f"{path}: pair shard does not match the sha256 in {manifest_path.name} "
-                                 f"(truncated or changed); {redo}")
-            try:
-                shard = _memmap_safetensors(path)
-                rows = {name: shard[name].shape[0] for name in ("labels", "noise", "tokens")}
-            except (ValueError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise StageError(f"{path}: not a readable pair shard ({type(err).__name__}: {err}); {redo}") from None
-            if set(rows.values()) != {entry.get("count", rows["labels"])}:
-                raise StageError(f"{path}: rows {rows} do not match the manifest's count {entry.get('count')}; {redo}")
-            self.shards.append(shard)
-        self.starts = [0]
-        for shard in self.shards:
-            self.starts.append(self.starts[-1] + shard["labels"].shape[0])
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def get(self, indices: torch.Tensor):
-        index = indices.numpy()
-        shard_of = np.searchsorted(self.starts, index, side="right") - 1
-        out = []
-        for name in ("labels", "noise", "tokens"):
-            first = self.shards[0][name]
-            rows = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
-            for shard in np.unique(shard_of):
-                here = shard_of == shard
-                rows[here] = self.shards[shard][name][index[here] - self.starts[shard]]
-            out.append(torch.from_numpy(rows))
-        return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,200 +89,6 @@ def global_timesteps(t_list, batch_size: int, seed: int, step: int) -> torch.Ten
     generator = torch.Generator().manual_seed(_mix(seed, 1, step))
     choice = torch.randint(len(t_list), (batch_size,), generator=generator)
     return torch.tensor(list(t_list))[choice]
-
-
-# --------------------------------------------------------------------------------------------------
-# The student
-# --------------------------------------------------------------------------------------------------
-def new_student(teacher: Teacher) -> torch.nn.Module:
-    """An untrained student of the teacher's architecture (official DD init), with the codebook attached."""
-    if teacher.family == "var":
-        student = VARDD(teacher.model.config)
-        student.init_weights()
-        student.attach_codebook(teacher.codebook)
-        return student
-    return LlamaGenDD(student_config(teacher.model.config), teacher.codebook)
-
-
-def init_student(teacher: Teacher, seed: int) -> torch.nn.Module:
-    """The student at the start of distillation: new_student + init_from_teacher, seeded (the global RNG is
-    restored afterwards)."""
-    cuda = [teacher.device.index or 0] if teacher.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        student = new_student(teacher).to(teacher.device)
-        student.init_from_teacher(teacher.model)
-    return student
-
-
-def student_constructor(student: torch.nn.Module) -> dict:
-    """What student.json records to rebuild the student: its class and config fields."""
-    return {"class": type(student).__name__, "config": json.loads(json.dumps(dataclasses.asdict(student.config),
-                                                                             default=list))}
-
-
-def load_student(student_dir: Path | str, teacher: Teacher) -> torch.nn.Module:
-    """A trained student from results/<S>/student/ (EMA weights, strict load), codebook attached, eval mode."""
-    student_dir = Path(student_dir)
-    info_path = student_dir / "student.json"
-    if not info_path.is_file():
-        raise StageError(f"{student_dir}: no student.json; run `dd distill --setting <setting>` first")
-    info = json.loads(info_path.read_text())
-    if info.get("codebook_sha256") != teacher.codebook_sha256():
-        raise StageError(f"{info_path}: the student was trained with another codebook than this teacher's; "
-                         f"re-run `dd distill --setting {info.get('setting')}`")
-    config = info["model"]["config"]
-    if info["model"]["class"] == "VARDD":
-        student = VARDD(VARConfig(**config))
-        student.attach_codebook(teacher.codebook)
-    elif info["model"]["class"] == "LlamaGenDD":
-        student = LlamaGenDD(GPTConfig(**config), teacher.codebook)
-    else:
-        raise StageError(f"{info_path}: unknown student class {info['model']['class']!r}")
-    student.load_state_dict(load_file(student_dir / info["weights"]), strict=True)
-    return student.to(teacher.device).eval()
-
-
-# --------------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------------
-class FeatureDistance(torch.nn.Module):
-    """Toy stand-in for LPIPS: squared distance of the digit classifier's unit-normalised features (as LPIPS
-    normalises its activations) + pixel MSE; per example (B,). Images in [-1, 1]."""
-
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-
-    def forward(self, images, targets):
-        size = self.classifier.config.image_size
-        if images.shape[-1] != size:
-            resize = dict(size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            images, targets = F.interpolate(images, **resize), F.interpolate(targets, **resize)
-        features = F.normalize(self.classifier.features(images), dim=-1)
-        target_features = F.normalize(self.classifier.features(targets), dim=-1)
-        return (features - target_features).square().sum(-1) + (images - targets).square().flatten(1).mean(-1)
-
-
-class RandomFeatureDistance(torch.nn.Module):
-    """Toy stand-in for LPIPS that sees style: an untrained conv net with fixed, seeded weights (3 levels of
-    3x3 conv + ReLU at full, 1/2 and 1/4 resolution), LPIPS-style channel-normalised activations, squared
-    distance averaged over positions and summed over levels, + pixel MSE; per example (B,). Images in [-1, 1].
-    Random features keep stroke, slant and thickness (a classifier's features are trained to ignore them, and
-    a student trained against them collapses to class prototypes: issue 12)."""
-
-    SEED = 20241226
-    WIDTHS = (32, 64, 128)
-
-    def __init__(self):
-        super().__init__()
-        generator = torch.Generator().manual_seed(self.SEED)
-        layers, in_ch = [], 3
-        for width in self.WIDTHS:
-            conv = torch.nn.Conv2d(in_ch, width, 3, padding=1)
-            with torch.no_grad():  # He-normal weights, zero bias: ReLU activations neither vanish nor explode
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / (in_ch * 9)) ** 0.5)
-                conv.bias.zero_()
-            layers.append(conv)
-            in_ch = width
-        self.layers = torch.nn.ModuleList(layers).requires_grad_(False)
-
-    def _features(self, x):
-        out = []
-        for level, conv in enumerate(self.layers):
-            if level:
-                x = F.avg_pool2d(x, 2)
-            x = F.relu(conv(x))
-            out.append(x / (x.square().sum(1, keepdim=True) + 1e-10).sqrt())
-        return out
-
-    def forward(self, images, targets):
-        distance = (images - targets).square().flatten(1).mean(-1)
-        for a, b in zip(self._features(images), self._features(targets)):
-            distance = distance + (a - b).square().sum(1).flatten(1).mean(-1)
-        return distance
-
-
-class LpipsDistance(torch.nn.Module):
-    """LPIPS (VGG trunk, v0.1) per example (B,). Built on first use: its trunk needs torchvision's ImageNet VGG16
-    weights, which torch.hub downloads (or finds in its cache)."""
-
-    def __init__(self, net: str = "vgg"):
-        super().__init__()
-        self.net = net
-        self.lpips = None
-
-    def _build(self, device):
-        import dd  # noqa: F401  (the torchvision import shim, before lpips imports torchvision)
-        import lpips
-
-        try:
-            model = lpips.LPIPS(net=self.net, verbose=False)
-        except OSError as err:  # urllib's URLError is an OSError
-            checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-            weights = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}.get(self.net, "<trunk>.pth")
-            raise StageError(f"LPIPS ({self.net}) could not load torchvision's ImageNet trunk weights ({err}); "
-                             f"offline, download https://download.pytorch.org/models/{weights} elsewhere and put "
-                             f"it at {checkpoints / weights} (TORCH_HOME moves that folder)") from None
-        self.lpips = model.to(device).eval().requires_grad_(False)
-
-    def forward(self, images, targets):
-        if self.lpips is None:
-            self._build(images.device)
-        return self.lpips(images, targets, normalize=False).flatten()
-
-
-def perceptual_distance(kind: str, teacher_dir: Path | None = None) -> torch.nn.Module:
-    """The perceptual term of the setting: "lpips", "random" (random-weight conv features, toy) or "feature"
-    (needs the toy teacher's classifier)."""
-    if kind == "lpips":
-        return LpipsDistance("vgg")
-    if kind == "random":
-        return RandomFeatureDistance()
-    if kind == "feature":
-        from dd.data import load_classifier
-
-        from dd.toy_teacher import FILES
-
-        path = Path(teacher_dir or ".") / FILES["classifier"]
-        if not path.is_file():
-            raise StageError(f"{path}: the 'feature' perceptual loss needs the toy teacher's digit classifier; "
-                             f"use perceptual: lpips for settings without one")
-        return FeatureDistance(load_classifier(path))
-    raise StageError(f"unknown perceptual loss {kind!r}; expected 'lpips', 'random' or 'feature'")
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per example mean of values (B, L) over mask (B, L) -> (B,)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-
-
-def distill_loss(student: sampling.StudentOps, teacher: Teacher, net, labels, noise, tokens, t, split: int,
-                 weights: dict, perceptual: torch.nn.Module | None):
-    """(total loss, {term: detached mean}) of one batch; see the module docstring."""
-    data = teacher.embed(tokens).to(noise.dtype)
-    steps = t.float()
-    x_t = student.perturb(data, steps, noise)
-    conti, logits = student.forward(x_t, labels, steps, net=net)
-    predicted = ~student.given_mask(t)  # the noise positions, >= prefix_len(t)
-    terms = {}
-    if weights.get("ce", 0.0):
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
-        terms["ce"] = _masked_mean(ce, predicted).mean()
-    if weights.get("mse", 0.0):
-        terms["mse"] = _masked_mean((conti.float() - data).square().mean(-1), predicted).mean()
-    if weights.get("perceptual", 0.0):
-        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        continuous = predicted & (positions >= student.prefix_len(split))
-        hybrid = torch.where(continuous[..., None], conti.to(data.dtype), data)
-        with torch.no_grad():
-            target_images = teacher.decode_embeddings(data)
-        terms["perceptual"] = perceptual(teacher.decode_embeddings(hybrid), target_images).float().mean()
-    if not terms:
-        raise StageError("distill: every loss weight is 0; set distill.loss_weights (ce, perceptual, mse)")
-    total = sum(weights[name] * value for name, value in terms.items())
-    return total, {name: value.detach() for name, value in terms.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,7 +383,7 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
             last = start + micro == local
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with accelerator.autocast():
-                    chunk_loss, chunk_terms = distill_loss(ops, teacher, net, *chunk, cfg.split, weights, perceptual)
+                    chunk_loss, chunk_terms = losses.distill_loss(ops, teacher, net, *chunk, cfg.split, weights, perceptual)
                 accelerator.backward(chunk_loss * (micro / local))
             loss = loss + chunk_loss.detach() * (micro / local)
             for name, value in chunk_terms.items():
@@ -746,31 +432,6 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def student_dir(params: Params, setting: Setting) -> Path:
-    return params.path.parent / "results" / setting.name / "student"
-
-
-TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified as their class); reported, not enforced
-
-
-@torch.no_grad()
-def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
-    """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
-    their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed)."""
-    ops = sampling.student_ops(ema)
-    cfg = setting.distill
-    n = setting.teacher.gates.num_samples if setting.teacher.gates else setting.sample.num_samples
-    labels = torch.arange(n) % setting.num_classes
-    result = {}
-    for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
-        if method.teacher_start is not None:
-            continue
-        images = torch.cat([x.cpu() for _, x in sampling.sample_batches(ops, method, labels, setting.sample.seed,
-                                                                        setting.sample.batch_size, teacher)])
-        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, labels)
-    return result
-
-
 def run_distill_stage(params: Params, setting: Setting, device: str | None = None,
                       micro_batch: int | None = None) -> Path:
     """Make results/<setting>/student/ from the teacher and its pairs; returns its path. device: "cpu", "cuda" or
@@ -778,10 +439,10 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
     from accelerate import PartialState
 
     from dd.data import image_grid, load_classifier
-    from dd.pairs import pairs_dir
+    from dd.pairs import ShardedPairs, pairs_dir
     from dd.teacher import load_teacher
     from dd.teacher_stage import teacher_dir
-    from dd.toy_teacher import FILES as TOY_FILES
+    from dd.toy_teacher import FILES as TOY_FILES, TOY_DD1_GATE, toy_gate
     from dd.tracking import stage_run
 
     cfg = setting.distill
@@ -791,11 +452,11 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
         raise StageError("--device cuda: no CUDA device is visible to torch")
     cpu = device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
-    final, t_dir = student_dir(params, setting), teacher_dir(params, setting)
+    final, t_dir = params.stage_dir(setting, "student"), teacher_dir(params, setting)
     work = final.with_name(final.name + ".partial")
     teacher = load_teacher(setting, t_dir, state.device)
     pairs = ShardedPairs(pairs_dir(params, setting), teacher)
-    perceptual = perceptual_distance(cfg.perceptual, t_dir) if cfg.loss_weights.get("perceptual", 0.0) else None
+    perceptual = losses.perceptual_distance(cfg.perceptual, t_dir) if cfg.loss_weights.get("perceptual", 0.0) else None
 
     def train(tracker):
         return train_student(teacher, pairs, cfg, work, perceptual=perceptual, cpu=cpu, micro_batch=micro_batch,

@@ -77,7 +77,6 @@ def bench_methods(setting: Setting) -> list[str]:
 
 def needs_random_weights(params: Params, setting: Setting, methods: list[str]) -> str | None:
     """Why the trained / released weights cannot be timed (a missing folder), or None when they can."""
-    from dd.distill import student_dir
     from dd.methods import all_methods
     from dd.teacher_stage import teacher_dir
 
@@ -86,8 +85,9 @@ def needs_random_weights(params: Params, setting: Setting, methods: list[str]) -
         return f"no teacher in {folder}"
     if any(all_methods(setting)[m].needs_student for m in methods):
         if setting.sample.student_source(setting.teacher.dd_artifact) == "distilled":
-            if not (student_dir(params, setting) / "student.json").is_file():
-                return f"no trained student in {student_dir(params, setting)}"
+            student = params.stage_dir(setting, "student")
+            if not (student / "student.json").is_file():
+                return f"no trained student in {student}"
     return None
 
 

@@ -24,12 +24,17 @@ the manifest but the shard list) keeps every recorded shard whose bytes still ha
 redoes the rest; a different plan (changed params, teacher, device) starts over. Only when every shard
 is done is the manifest completed and the folder renamed to pairs/, so Snakemake and DVC never see a
 finished-looking output early.
+
+Reading. `ShardedPairs` reads a finished pairs/ folder lazily (memory-mapped shards, each verified against the
+manifest first); `TensorPairs` holds pairs in memory. Both give distillation `len()`, `get(indices)` and
+`identity` (what a checkpoint must have trained on to be resumed).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -337,3 +342,112 @@ def _ranges(indices: list[int]) -> str:
             out.append(f"{start}:{prev + 1}")
             start = cur
     return ", ".join(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+class TensorPairs:
+    """Noise-data pairs in memory: labels (N,) int64, noise (N, L, C) float32, tokens (N, L) int64."""
+
+    def __init__(self, labels: torch.Tensor, noise: torch.Tensor, tokens: torch.Tensor):
+        if not (labels.shape[0] == noise.shape[0] == tokens.shape[0]) or tokens.shape != noise.shape[:2]:
+            raise ValueError(f"TensorPairs: labels {tuple(labels.shape)}, noise {tuple(noise.shape)} and tokens "
+                             f"{tuple(tokens.shape)} must be (N,), (N, L, C) and (N, L)")
+        self.labels, self.noise, self.tokens = labels.long(), noise.float(), tokens.long()
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the pairs' content: what a checkpoint must have been trained on to be resumed."""
+        digest = hashlib.sha256()
+        for tensor in (self.labels, self.noise, self.tokens):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def get(self, indices: torch.Tensor):
+        return self.labels[indices], self.noise[indices], self.tokens[indices]
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
+    """Read-only numpy views of every tensor of a safetensors file (only the rows indexed are read)."""
+    dtypes = {"F32": np.float32, "I64": np.int64}
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    views = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise StageError(f"{path}: tensor '{name}' has dtype {entry['dtype']}; pairs hold F32 noise and I64 "
+                             f"tokens/labels; re-run `dd pairs`")
+        begin, _ = entry["data_offsets"]
+        views[name] = np.memmap(path, dtype=dtypes[entry["dtype"]], mode="r", offset=8 + header_len + begin,
+                                shape=tuple(entry["shape"]))
+    return views
+
+
+class ShardedPairs:
+    """The pairs stage's output (results/<S>/pairs/: manifest.json + safetensors shards), read lazily: a batch
+    reads only its rows from the memory-mapped shards, so the data set may exceed memory.
+
+    Every shard is checked against the manifest before training (present, its sha256 (verify=False skips the
+    hash), readable with the manifest's row count): a bad shard is one StageError naming the file. `identity` is
+    the sha256 of manifest.json, which lists every shard's sha256, so it names the pairs' content."""
+
+    def __init__(self, folder: Path | str, teacher: Teacher | None = None, verify: bool = True):
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise StageError(f"{folder}: no manifest.json; run `dd pairs --setting <setting>` first")
+        manifest_bytes = manifest_path.read_bytes()
+        self.identity = hashlib.sha256(manifest_bytes).hexdigest()
+        self.manifest = json.loads(manifest_bytes)
+        if not self.manifest.get("complete"):
+            raise StageError(f"{manifest_path}: the pairs are not complete; finish them with `dd pairs`")
+        if teacher is not None and self.manifest.get("codebook_sha256") != teacher.codebook_sha256():
+            raise StageError(f"{manifest_path}: the pairs were made with another codebook than this teacher's; "
+                             f"re-run `dd pairs --setting {self.manifest.get('setting')}`")
+        setting = self.manifest.get("setting")
+        redo = (f"rename {folder.name}/ to {folder.name}.partial/ and re-run `dd pairs --setting {setting}`: it "
+                f"redoes only the shards that fail their sha256")
+        self.shards = []
+        for entry in tqdm(self.manifest["shards"], desc="[distill] verifying pair shards", unit="shard",
+                          disable=len(self.manifest["shards"]) < 20):
+            path = folder / entry["file"]
+            if not path.is_file():
+                raise StageError(f"{path}: pair shard missing; {redo}")
+            if verify and hub.sha256_of(path) != entry.get("sha256"):
+                raise StageError(f"{path}: pair shard does not match the sha256 in {manifest_path.name} "
+                                 f"(truncated or changed); {redo}")
+            try:
+                shard = _memmap_safetensors(path)
+                rows = {name: shard[name].shape[0] for name in ("labels", "noise", "tokens")}
+            except (ValueError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise StageError(f"{path}: not a readable pair shard ({type(err).__name__}: {err}); {redo}") from None
+            if set(rows.values()) != {entry.get("count", rows["labels"])}:
+                raise StageError(f"{path}: rows {rows} do not match the manifest's count {entry.get('count')}; {redo}")
+            self.shards.append(shard)
+        self.starts = [0]
+        for shard in self.shards:
+            self.starts.append(self.starts[-1] + shard["labels"].shape[0])
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def get(self, indices: torch.Tensor):
+        index = indices.numpy()
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        out = []
+        for name in ("labels", "noise", "tokens"):
+            first = self.shards[0][name]
+            rows = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+            for shard in np.unique(shard_of):
+                here = shard_of == shard
+                rows[here] = self.shards[shard][name][index[here] - self.starts[shard]]
+            out.append(torch.from_numpy(rows))
+        return tuple(out)

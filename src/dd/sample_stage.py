@@ -111,7 +111,7 @@ class Sampler:
 def load_released_student(setting: Setting, teacher_dir: Path, teacher) -> tuple[torch.nn.Module, Path]:
     """The released DD checkpoint the teacher stage linked (teacher.json role "dd"), loaded strictly into the
     student architecture of this teacher (VARDD / LlamaGenDD), codebook attached, eval mode."""
-    from dd.distill import new_student
+    from dd.models.students import new_student
     from dd.teacher import _load_strict
 
     info = json.loads((teacher_dir / "teacher.json").read_text())
@@ -131,7 +131,7 @@ def load_released_student(setting: Setting, teacher_dir: Path, teacher) -> tuple
 
 def _student(params: Params, setting: Setting, teacher, random_weights: bool):
     """(student module, source, weights path or None)."""
-    from dd.distill import load_student, new_student, student_dir
+    from dd.models.students import load_student, new_student
     from dd.teacher_stage import teacher_dir
 
     if random_weights:
@@ -141,7 +141,7 @@ def _student(params: Params, setting: Setting, teacher, random_weights: bool):
     if setting.sample.student_source(setting.teacher.dd_artifact) == "released":
         student, path = load_released_student(setting, teacher_dir(params, setting), teacher)
         return student, "released-dd", path
-    folder = student_dir(params, setting)
+    folder = params.stage_dir(setting, "student")
     if not (folder / "student.json").is_file():
         raise StageError(f"{folder}: no student.json; run `dd distill --setting {setting.name}` first "
                          f"(settings.{setting.name}.sample.student is 'distilled')")
@@ -152,8 +152,8 @@ def _student(params: Params, setting: Setting, teacher, random_weights: bool):
 
 def _random_teacher(setting: Setting, device):
     """The setting's teacher architecture with seeded random weights (latency of settings not trained here)."""
-    from dd.teacher import TEACHERS, setting_model_kwargs
-    from dd.toy_teacher import build_models
+    from dd.teacher import TEACHERS
+    from dd.models.build import build_models, setting_model_kwargs
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -162,8 +162,7 @@ def _random_teacher(setting: Setting, device):
 
 
 def _frequencies(params: Params, setting: Setting, teacher, random_weights: bool):
-    from dd.distill import ShardedPairs
-    from dd.pairs import pairs_dir
+    from dd.pairs import ShardedPairs, pairs_dir
 
     if random_weights:  # uniform tokens: the look-up costs the same
         generator = torch.Generator().manual_seed(0)

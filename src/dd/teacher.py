@@ -44,8 +44,9 @@ from dd import hub
 from dd.config import Setting, TeacherSampling
 from dd.errors import StageError
 from dd.flow import tokens_from_noise
-from dd.models.llamagen import GPT_CONFIGS, LlamaGenGPT, generate
-from dd.models.llamagen_vq import VQ_CONFIGS, VQModel
+from dd.models.build import build_models, setting_model_kwargs
+from dd.models.llamagen import LlamaGenGPT, generate
+from dd.models.llamagen_vq import VQModel
 from dd.models.var import VAR
 from dd.models.var_vqvae import VQVAE
 
@@ -339,32 +340,6 @@ TEACHERS = {"var": VarTeacher, "llamagen": LlamaGenTeacher}
 # --------------------------------------------------------------------------------------------------
 # Building from the teacher stage's folder
 # --------------------------------------------------------------------------------------------------
-def _expand_preset(block: dict, presets: dict, where: str) -> dict:
-    """A LlamaGen block {preset: NAME, **overrides} -> the preset's full config fields with the overrides."""
-    block = dict(block)
-    if "preset" not in block:
-        return block
-    name = block.pop("preset")
-    if name not in presets:
-        raise StageError(f"{where}.preset: unknown preset {name!r}; known: {', '.join(sorted(presets))}")
-    return {**dataclasses.asdict(presets[name]), **block}
-
-
-def setting_model_kwargs(setting: Setting) -> tuple[dict, dict]:
-    """The full constructor kwargs (tokenizer, AR model) of a setting's teacher block, presets expanded
-    and checked against the image size and each other (the same derivation the toy teacher stores)."""
-    from dd.toy_teacher import teacher_kwargs, tokenizer_kwargs
-
-    t = setting.teacher
-    where = f"settings.{setting.name}.teacher"
-    if setting.family == "llamagen":
-        t = dataclasses.replace(t, tokenizer=_expand_preset(t.tokenizer, VQ_CONFIGS, f"{where}.tokenizer"),
-                                model=_expand_preset(t.model, GPT_CONFIGS, f"{where}.model"))
-    expanded = dataclasses.replace(setting, teacher=t)
-    tokenizer = tokenizer_kwargs(expanded)
-    return tokenizer, teacher_kwargs(expanded, tokenizer)
-
-
 def _load_strict(module: torch.nn.Module, state: dict, path: Path, setting: Setting) -> None:
     try:
         module.load_state_dict(state, strict=True, assign=True)
@@ -400,8 +375,6 @@ def load_teacher(setting: Setting, teacher_dir: Path | str, device: str | torch.
     its safetensors files. Models are created on the meta device and take the loaded tensors directly (no
     random init of a 300M model just to overwrite it).
     """
-    from dd.toy_teacher import build_models
-
     teacher_dir = Path(teacher_dir)
     info_path = teacher_dir / "teacher.json"
     if not info_path.is_file():

@@ -17,19 +17,18 @@ Steps (all inside one MLflow run and one atomic output folder):
 
 The folder gets tokenizer.safetensors, teacher.safetensors, classifier.safetensors, judge.safetensors (the
 evaluate stage's independent toy judge, dd.judge; nothing here or later trains on it), teacher.json (the
-exact constructor kwargs to rebuild both models: see `build_models`), metrics.json,
+exact constructor kwargs to rebuild both models: see `dd.models.build.build_models`), metrics.json,
 reconstructions.png and samples.png. With gates.enforce a failed gate raises StageError and no folder
 is created.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,11 +40,15 @@ from dd import data, judge
 from dd.atomic import atomic_dir, write_json
 from dd.config import Params, Setting
 from dd.errors import StageError
-from dd.models.llamagen import GPTConfig, LlamaGenGPT, generate
-from dd.models.llamagen_vq import VQConfig, VQModel
-from dd.models.var import VAR, VARConfig, var_config_for_depth
+from dd.models.build import build_models, teacher_kwargs, tokenizer_kwargs
+from dd.models.llamagen import LlamaGenGPT, generate
+from dd.models.llamagen_vq import VQModel
+from dd.models.var import VAR
 from dd.models.var_vqvae import VQVAE
 from dd.tracking import stage_run
+
+if TYPE_CHECKING:
+    from dd.teacher import Teacher
 
 FILES = {"tokenizer": "tokenizer.safetensors", "teacher": "teacher.safetensors",
          "classifier": "classifier.safetensors", "samples": "samples.png",
@@ -54,92 +57,6 @@ AUGMENT_SHIFT = 2  # px; tokenizer training, shifted token copies; the classifie
 RESTART_EVERY = 20  # tokenizer steps between dead-code restarts
 WARMUP_FRACTION = 0.05  # of the optimiser steps: linear warm-up, then cosine decay to zero
 SAMPLE_BATCH = 250  # teacher samples drawn per call when measuring the gate
-
-
-# --------------------------------------------------------------------------------------------------
-# Building the models from the setting (and back from teacher.json)
-# --------------------------------------------------------------------------------------------------
-def _construct(cls, kwargs: dict, where: str):
-    """cls(**kwargs) with one clear error for unknown keys or values the class rejects."""
-    allowed = [name for name in inspect.signature(cls).parameters]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise StageError(f"{where}: unknown key '{unknown[0]}' for {cls.__name__} "
-                         f"(allowed: {', '.join(allowed)}); fix the block in params.yaml")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise StageError(f"{where}: {cls.__name__} rejects {kwargs}: {err}") from None
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=list))
-
-
-def tokenizer_kwargs(setting: Setting) -> dict:
-    """The full constructor kwargs of the setting's tokenizer (VQConfig fields or VQVAE arguments),
-    checked against the image size."""
-    where = f"settings.{setting.name}.teacher.tokenizer"
-    spec = dict(setting.teacher.tokenizer)
-    if setting.family == "llamagen":
-        config = _construct(VQConfig, spec, where)
-        if setting.image_size % config.downsample:
-            raise StageError(f"{where}: image_size {setting.image_size} is not divisible by the VQ downsampling "
-                             f"{config.downsample} (2^(len(encoder_ch_mult)-1))")
-        return _jsonable(dataclasses.asdict(config))
-    defaults = {name: p.default for name, p in inspect.signature(VQVAE).parameters.items()}
-    unknown = sorted(set(spec) - set(defaults))
-    if unknown:
-        raise StageError(f"{where}: unknown key '{unknown[0]}' for VQVAE (allowed: {', '.join(defaults)})")
-    kwargs = _jsonable({**defaults, **spec})
-    side = kwargs["patch_nums"][-1] * 2 ** (len(kwargs["ch_mult"]) - 1)
-    if side != setting.image_size:
-        raise StageError(f"{where}: patch_nums[-1] * 2^(len(ch_mult)-1) = {side} must equal image_size "
-                         f"{setting.image_size}")
-    return kwargs
-
-
-def teacher_kwargs(setting: Setting, tokenizer: dict) -> dict:
-    """The full constructor config of the AR teacher: the setting's model block plus what the tokenizer
-    and the setting fix (vocabulary, latent width, scales or grid, number of classes)."""
-    where = f"settings.{setting.name}.teacher.model"
-    spec = dict(setting.teacher.model)
-    if spec.get("num_classes", setting.num_classes) != setting.num_classes:
-        raise StageError(f"{where}: num_classes {spec['num_classes']} differs from the setting's "
-                         f"num_classes {setting.num_classes}")
-    spec["num_classes"] = setting.num_classes
-    if setting.family == "llamagen":
-        grid = setting.image_size // 2 ** (len(tokenizer["encoder_ch_mult"]) - 1)
-        if spec.get("block_size", grid * grid) != grid * grid:
-            raise StageError(f"{where}: block_size {spec['block_size']} must be the tokenizer's "
-                             f"{grid}x{grid} = {grid * grid} tokens")
-        spec.update(block_size=grid * grid, vocab_size=tokenizer["codebook_size"])
-        return _jsonable(dataclasses.asdict(_construct(GPTConfig, spec, where)))
-    if "depth" not in spec:
-        raise StageError(f"{where}: needs 'depth' (VAR's width, heads and drop-path follow from it)")
-    fixed = dict(vocab_size=tokenizer["vocab_size"], latent_channels=tokenizer["z_channels"],
-                 patch_nums=tuple(tokenizer["patch_nums"]))
-    clash = sorted(set(spec) & set(fixed))
-    if clash:
-        raise StageError(f"{where}: '{clash[0]}' comes from the tokenizer block; remove it here")
-    allowed = {f.name for f in dataclasses.fields(VARConfig)}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise StageError(f"{where}: unknown key '{unknown[0]}' for VARConfig (allowed: {', '.join(sorted(allowed))})")
-    try:
-        config = var_config_for_depth(**spec, **fixed)
-    except (TypeError, ValueError) as err:
-        raise StageError(f"{where}: VARConfig rejects {spec}: {err}") from None
-    return _jsonable(dataclasses.asdict(config))
-
-
-def build_models(family: str, tokenizer: dict, model: dict):
-    """Fresh (tokenizer, AR teacher) from the constructor kwargs stored in teacher.json."""
-    if family == "llamagen":
-        return VQModel(VQConfig(**tokenizer)), LlamaGenGPT(GPTConfig(**model))
-    if family == "var":
-        return VQVAE(**tokenizer), VAR(VARConfig(**model))
-    raise StageError(f"unknown family {family!r}; expected 'var' or 'llamagen'")
 
 
 def _save_module(module: torch.nn.Module, path: Path) -> None:
@@ -552,3 +469,30 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
         raise StageError(f"setting '{name}': teacher quality gates failed: {'; '.join(failed)}. "
                          f"Raise the training budget in params.yaml (teacher.train) or set "
                          f"teacher.gates.enforce: false to keep a weak teacher")
+
+
+# --------------------------------------------------------------------------------------------------
+# The toy gate of the distilled student (the teacher's gates are above, in train_toy_teacher)
+# --------------------------------------------------------------------------------------------------
+TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified as their class); reported, not enforced
+
+
+@torch.no_grad()
+def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
+    """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
+    their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed).
+    Run by the distill stage (and dd.ablation) on the student it trained."""
+    from dd import sampling
+
+    ops = sampling.student_ops(ema)
+    cfg = setting.distill
+    n = setting.teacher.gates.num_samples if setting.teacher.gates else setting.sample.num_samples
+    labels = torch.arange(n) % setting.num_classes
+    result = {}
+    for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
+        if method.teacher_start is not None:
+            continue
+        images = torch.cat([x.cpu() for _, x in sampling.sample_batches(ops, method, labels, setting.sample.seed,
+                                                                        setting.sample.batch_size, teacher)])
+        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, labels)
+    return result

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dd import sampling
 from dd.models.dd_var import VARDD
 from dd.models.var import VAR, filter_logits, var_config_for_depth
 from dd.models.var_vqvae import VQVAE, phi_index_per_scale
@@ -324,7 +325,8 @@ def replay_get_final_sequence(fx, io, call):
 
 
 def replay_fewstep(fx, io, call):
-    """The official sample.py loop, step by step, then the same through VARDD.generate."""
+    """The official sample.py loop, step by step, then the same through our sampler (dd.sampling.dd_sample, which
+    the sample stage and distillation use)."""
     label, noise = (io[k] for k in call["inputs"])
     split = fx.config["dd_sampling"]["loss_split_t"]
     t_list = [key_t(key, r"\.step_t(\d+)\.") for key in call["outputs"] if ".step_t" in key]
@@ -334,8 +336,8 @@ def replay_fewstep(fx, io, call):
         x = fx.dd.perturb(x, tt, noise)
         x = fx.dd.final_sequence(*fx.dd.final_predict(label, x, tt), split)
         assert_float_close(x, io[f"{call['name']}.step_t{t}.out"], f"{call['name']} after step t={t}")
-    generated = fx.dd.generate(label, noise, t_list, split)
-    assert_float_close(generated, x, "VARDD.generate vs the step-by-step loop", atol=0, rtol=0)
+    generated = sampling.dd_sample(sampling.student_ops(fx.dd), label, noise, t_list, split)
+    assert_float_close(generated, x, "dd_sample vs the step-by-step loop", atol=0, rtol=0)
     assert_image_close(fx.vae.tokens_to_img(generated), io[f"{call['name']}.out.img"], f"{call['name']} image")
 
 

@@ -175,19 +175,6 @@ class VARDD(nn.Module):
         greedy = F.embedding(logits[:, :n].argmax(dim=-1), self._require_codebook("final_sequence"))
         return torch.cat((greedy, conti[:, n:]), dim=1)
 
-    @torch.no_grad()
-    def generate(self, label_B, noise, t_list=(0,), split: int = 0):
-        """Few-step sampling (official sample.py loop): for each t, reset scales >= t to the SAME initial noise,
-        predict, snap scales < split to codebook vectors. Returns the token sequence [B, L, Cvae]
-        (decode with VQVAE.tokens_to_img)."""
-        x = noise
-        for t in t_list:
-            steps = torch.full((noise.shape[0],), float(t), device=noise.device)
-            x = self.perturb(x, steps, noise)
-            conti, logits = self.final_predict(label_B, x, steps)
-            x = self.final_sequence(conti, logits, split)
-        return x
-
     # --- distillation start
     @torch.no_grad()
     def init_from_teacher(self, teacher: VAR, init_std: float = 0.02):
