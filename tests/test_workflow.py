@@ -52,7 +52,8 @@ def _check_evaluated(project: Path, setting: str) -> None:
     for method in method_names(load_params(project / "params.yaml").setting(setting)):
         assert (project / "results" / setting / "samples" / method / "manifest.json").is_file(), (setting, method)
         metrics = json.loads((project / "results" / setting / "metrics" / f"{method}.json").read_text())
-        missing = [key for key in METRIC_KEYS if metrics.get(key) is None]
+        # onestep* has no network (a frequency table): its parameter count is null by design
+        missing = [key for key in METRIC_KEYS if metrics.get(key) is None and not (key == "params" and method == "onestep")]
         assert not missing, (setting, method, missing)
         assert metrics["n_samples"] == 16 and metrics["latency_s"] > 0, (setting, method)
 
