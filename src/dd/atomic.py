@@ -3,6 +3,7 @@ stage never leaves an output that looks finished (Snakemake and DVC judge comple
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -56,3 +57,20 @@ def atomic_file(final: Path | str):
 def write_json(path: Path | str, obj) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path | str, command: str):
+    """Hold an exclusive lock on a stage's partial folder so two runs never write the same shards; a second run
+    fails at once with one line naming the folder and the command (`dd pairs`, `dd sample`) that holds it."""
+    from dd.errors import StageError
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(f"{folder}: another `{command}` run is writing here; wait for it or stop it") from None
+        yield
+    finally:
+        os.close(fd)

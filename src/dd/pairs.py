@@ -31,9 +31,7 @@ manifest first); `TensorPairs` holds pairs in memory. Both give distillation `le
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -47,7 +45,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dd import hub
-from dd.atomic import write_json
+from dd.atomic import exclusive_lock, write_json
 from dd.config import Params, Setting
 from dd.errors import StageError
 from dd.teacher import Teacher, load_teacher
@@ -110,20 +108,6 @@ def plan_of(setting: Setting, teacher: Teacher, device: torch.device) -> dict:
         "device": device.type,
         "torch": torch.__version__,
     }
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path):
-    """Hold an exclusive lock on `folder` so two runs never write the same partial folder."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"{folder}: another `dd pairs` run is writing here; wait for it or stop it") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _resume(work: Path, plan: dict) -> dict[int, dict]:
@@ -234,7 +218,7 @@ def run_pairs_stage(params: Params, setting: Setting, device: str | None = None,
 
     with stage_run(params, setting, "pairs", {"pairs.device": device.type, "pairs.shards": label}) as mlflow:
         work.mkdir(parents=True, exist_ok=True)
-        with _exclusive(work):
+        with exclusive_lock(work, "dd pairs"):
             done = _resume(work, run_plan)
             resumed = sum(counts[i] for i in done)
             if done:

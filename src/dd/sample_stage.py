@@ -30,9 +30,7 @@ a changed plan starts over. Only the finished folder is renamed to <M>/, so noth
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -47,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dd import hub, sampling
-from dd.atomic import write_json
+from dd.atomic import exclusive_lock, write_json
 from dd.config import ConfigError, Params, Setting
 from dd.errors import StageError
 from dd.methods import Method, OneStepMethod, TeacherMethod, all_methods
@@ -327,20 +325,6 @@ def plan_of(setting: Setting, sampler: Sampler, device: torch.device) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _exclusive(folder: Path):
-    """An exclusive lock on the partial folder: two runs never write the same shards."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"{folder}: another `dd sample` run is writing here; wait for it or stop it") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _resume(work: Path, plan: dict) -> dict[int, dict]:
     """The verified shards of an earlier run with the same plan; clears the folder when the plan changed."""
     for leftover in work.glob(".*.tmp-*"):  # a write cut short by a kill
@@ -430,7 +414,7 @@ def run_sample_stage(params: Params, setting: Setting, method_name: str, device:
 
     with stage_run(params, setting, f"sample/{method_name}", extra) as mlflow:
         work.mkdir(parents=True, exist_ok=True)
-        with _exclusive(work):
+        with exclusive_lock(work, "dd sample"):
             done = _resume(work, plan)
             resumed = sum(counts[i] for i in done)
             if done:
