@@ -1,5 +1,6 @@
 # Two commands for a fresh machine:
 #   make reproduce   set up .venv (if missing) and run the main job: snakemake reproduce_table1 (toy settings)
+#                    and its figures (reproduce_figures: Fig. 3, a few seconds more)
 #   make test        set up .venv (if missing) and run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 reproduce: setup
-	snakemake --cores all reproduce_table1
+	snakemake --cores all reproduce_table1 reproduce_figures
 
 test: setup
 	python -m pytest -q
