@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dd.errors import StageError
+
 
 def _tmp_name(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -63,8 +65,6 @@ def write_json(path: Path | str, obj) -> None:
 def exclusive_lock(folder: Path | str, command: str):
     """Hold an exclusive lock on a stage's partial folder so two runs never write the same shards; a second run
     fails at once with one line naming the folder and the command (`dd pairs`, `dd sample`) that holds it."""
-    from dd.errors import StageError
-
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
