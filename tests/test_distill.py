@@ -371,19 +371,62 @@ def test_distill_stage_end_to_end(stage_project, monkeypatch, name):
     assert images.shape == (4, 3, setting.image_size, setting.image_size) and torch.isfinite(images).all()
 
 
-def test_ablation_table(stage_project, monkeypatch):
-    """python -m dd.ablation: every variant trains, is judged, and lands in the csv + markdown table."""
-    from dd import ablation
+def test_ablation_stage_and_report(stage_project, monkeypatch):
+    """dd ablation: every variant trains and is judged by dd.judge; the recipe row is the distill stage's student
+    judged exactly as `dd sample` + `dd evaluate` judge it; a rerun reuses the finished variants; dd ablation-report
+    writes the table with every variant and the recipe's early snapshots."""
+    from dd import ablation, judge
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(stage_project.path.parent)
-    out = stage_project.path.parent / "reports" / "toy_ablation"
-    assert ablation.main(["--params", str(stage_project.path), "--setting", "toy-var", "--steps", "2",
-                          "--out", str(out)]) == 0
-    table = out.with_suffix(".csv").read_text().splitlines()
-    variants = ablation.variants(stage_project.setting("toy-var"), num_units=4)  # tiny VAR: 4 scales
-    assert set(variants) == {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "loss=ce,split=all",
-                             "t2=3"}  # t2=2 = the default
-    assert len(table) == 1 + len(variants)  # header + one row per distinct variant
-    markdown = out.with_suffix(".md").read_text()
-    assert "Shorter runs" in markdown and "loss=ce+perceptual (= t2=2)" in markdown
+    root = stage_project.path.parent
+    raw = yaml.safe_load(stage_project.path.read_text())
+    raw["settings"]["toy-var"]["sample"].update(num_samples=20, batch_size=10, shard_size=10)
+    raw["pipeline"]["ablation"] = ["toy-var"]
+    path = root / "params-ablation.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(path)
+    setting = params.setting("toy-var")
+    torch.manual_seed(0)
+    judge.save_judge(judge.DigitJudge(judge.JudgeConfig(image_size=setting.image_size)),
+                     root / "results" / "toy-var" / "teacher" / judge.FILE)
+    run = ["--params", str(path), "--setting", "toy-var"]
+    assert cli.main(["ablation", *run]) == 1  # the teacher's metrics are the scale of every FID: needed first
+    for method in ("teacher", "dd-1step"):
+        if method == "dd-1step":
+            assert cli.main(["distill", *run]) == 0
+        assert cli.main(["sample", *run, "--method", method]) == 0
+        assert cli.main(["evaluate", *run, "--method", method, "--no-latency"]) == 0
+
+    assert cli.main(["ablation", *run]) == 0
+    folder = root / "results" / "ablation" / "toy-var"
+    index = json.loads((folder / "index.json").read_text())
+    names = [v["variant"] for v in index["variants"]]
+    assert names == list(ablation.variants(setting, 4, 24))  # tiny VAR: 4 scales; 24 pairs
+    assert {"loss=ce", "loss=ce+perceptual+mse", "loss=ce,split=all", "perceptual=feature", "t2=3", "pairs=6",
+            "pairs=12"} <= set(names)
+    recipe = next(v for v in index["variants"] if v["variant"] == "recipe")
+    assert set(recipe["snapshots"]) == {"1", "3"}  # 6 steps: judged after 6 // 4 and 6 // 2 too
+    evaluated = json.loads((root / "results" / "toy-var" / "metrics" / "dd-1step.json").read_text())
+    for key in ("fid", "precision", "recall", "class_accuracy", "diversity"):
+        assert recipe["metrics"]["dd-1step"][key] == pytest.approx(evaluated[key], rel=1e-6, abs=1e-9), key
+    assert all(v["pairs"] == 6 for v in index["variants"] if v["variant"] == "pairs=6")
+
+    stamp = (folder / "recipe.json").stat().st_mtime_ns
+    assert cli.main(["ablation", *run]) == 0  # nothing left to train: the records are reused
+    assert (folder / "recipe.json").stat().st_mtime_ns == stamp
+
+    assert cli.main(["ablation-report", "--params", str(path)]) == 0
+    markdown = (root / "reports" / "toy_ablation.md").read_text()
+    assert "## toy-var" in markdown and "recipe@1" in markdown and "Reading:" in markdown
+    rows = (root / "reports" / "toy_ablation.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(names) + 2  # header, every variant, the recipe's two snapshots
+
+
+def test_ablation_refuses_paper_rows_and_unknown_settings(stage_project, tmp_path):
+    raw = yaml.safe_load(stage_project.path.read_text())
+    raw["pipeline"]["ablation"] = ["var-d16"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(Exception, match=r"pipeline\.ablation\[0\].*var-d16.*toy settings"):
+        load_params(path)

@@ -96,7 +96,7 @@ def cmd_plan(args) -> int:
 
 
 # the commands that compute: their torch thread count comes from apply_threads, the same under Snakemake and DVC
-THREADED_COMMANDS = ("teacher", "pairs", "distill", "sample", "bench", "evaluate")
+THREADED_COMMANDS = ("teacher", "pairs", "distill", "sample", "bench", "evaluate", "ablation")
 
 
 def apply_threads(params) -> int:
@@ -170,6 +170,22 @@ def cmd_summary(args) -> int:
 
     params = load_params(args.params)
     run_summary(params, params.setting(args.setting))
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    from dd.ablation import run_ablation_stage
+
+    params = load_params(args.params)
+    run_ablation_stage(params, params.setting(args.setting))
+    return 0
+
+
+def cmd_ablation_report(args) -> int:
+    from dd.ablation import REPORT, write_report
+
+    params = load_params(args.params)
+    write_report(params, args.setting or params.pipeline.ablation, params.path.parent / REPORT)
     return 0
 
 
@@ -256,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", action="append", help="a setting to report (repeatable; default: pipeline.settings)")
     p.add_argument("--only", choices=["tables", "figures"], help="write only the tables or only the figure")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ablation", help="toy ablation of the distill recipe (loss terms, t2, pair count, training "
+                                        "length), judged by dd.judge -> results/ablation/<setting>/")
+    _common(p)
+    p.set_defaults(func=cmd_ablation)
+
+    p = sub.add_parser("ablation-report", help="reports/toy_ablation.md/.csv from every toy setting's ablation")
+    _common(p, setting=False)
+    p.add_argument("--setting", action="append", help="a toy setting (repeatable; default: pipeline.ablation)")
+    p.set_defaults(func=cmd_ablation_report)
 
     p = sub.add_parser("plan", help="estimated cost of each stage of a setting (GPU-hours; sources named)")
     _common(p)

@@ -178,6 +178,9 @@ class Pipeline:
     # every (setting, method) of `settings`, keyed "<setting>_<method>": dvc.yaml's sample/evaluate stages iterate
     # it (DVC cannot derive it); load_params checks it equals dd.methods.sample_jobs, so it cannot drift
     methods: Optional[dict[str, dict[str, str]]] = None
+    # toy settings whose distill recipe dd.ablation varies (the DAG target reproduce_ablation; `dvc repro` runs it
+    # with everything else): each a toy setting of `settings`; [] = no ablation
+    ablation: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -497,6 +500,10 @@ def load_params(path: Path | str = "params.yaml", check_methods: bool = True) ->
         if name not in settings:
             raise ConfigError(f"{file}: key 'pipeline.settings[{i}]' names unknown setting '{name}' "
                               f"(known: {', '.join(settings)})")
+    for i, name in enumerate(pipeline.ablation):
+        if name not in pipeline.settings or settings[name].paper_row:
+            raise ConfigError(f"{file}: key 'pipeline.ablation[{i}]' is '{name}'; allowed: the toy settings of "
+                              f"pipeline.settings ({', '.join(n for n in pipeline.settings if not settings[n].paper_row)})")
     params = Params(path=file, tracking=tracking, pipeline=pipeline, settings=settings)
     if pipeline.num_threads < 0:
         raise ConfigError(f"{file}: key 'pipeline.num_threads' must be >= 0 (0 = every core)")

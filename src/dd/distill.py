@@ -291,6 +291,7 @@ def log_sample_grid(tracker, ema, teacher: Teacher, cfg: Distill, step: int) -> 
 
 def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, perceptual=None, cpu: bool = False,
                   micro_batch: int | None = None, tracker=None, callback: Callable[[int, dict], None] | None = None,
+                  ema_callback: Callable[[int, torch.nn.Module], None] | None = None,
                   progress: bool = True) -> TrainResult:
     """Distil `teacher` into a fresh student on `pairs` (TensorPairs / ShardedPairs) by the recipe `cfg`.
 
@@ -301,7 +302,9 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
     perceptual term decodes images with gradients); the update is that of the whole batch (up to float rounding
     and the drop-path draws, which are made per micro-batch). tracker: an mlflow-like
     object (log_metrics(dict, step=), log_image(image, name)); only the main process uses it. callback(step, record)
-    runs after every optimizer step on every process (tests use it to simulate a crash). The global torch RNG
+    runs after every optimizer step on every process (tests use it to simulate a crash); ema_callback(step, ema)
+    after every optimizer step on the main process only, with the EMA student (dd.ablation judges it at chosen
+    steps: the training-length axis). The global torch RNG
     (drop-path) is seeded from (cfg.seed, process) on a fresh start and restored from the checkpoint on resume.
     """
     from accelerate import Accelerator
@@ -421,6 +424,8 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
                                                "offset_in_epoch": offset}})
             if main and tracker is not None:
                 log_sample_grid(tracker, ema, teacher, cfg, step)
+        if ema_callback is not None and main:
+            ema_callback(step, ema)
         if callback is not None:
             callback(step, record or {})
     bar.close()
