@@ -106,6 +106,7 @@ BAD_VALUES = [
     ("toy-var", "distill.max_steps", 0), ("toy-var", "distill.warmup_steps", -1), ("toy-var", "distill.grad_clip", 0),
     ("toy-var", "distill.weight_decay", -0.1), ("toy-var", "distill.betas", [0.9, 1.0]),
     ("toy-var", "distill.betas", [0.9]), ("toy-var", "distill.batch_size", 0), ("toy-var", "distill.seed", -1),
+    ("toy-var", "distill.perceptual_fraction", 0.0), ("toy-var", "distill.perceptual_fraction", 1.5),
     ("toy-var", "distill.loss_weights", {"ce": -1.0}), ("toy-var", "distill.loss_weights", {"ce": 0.0, "perceptual": 0.0}),
     ("toy-var", "teacher_sampling.temperature", 0), ("toy-var", "teacher_sampling.top_p", 7),
     ("toy-var", "teacher_sampling.top_p", 0.0), ("toy-llamagen", "teacher_sampling.top_p", 0.0),

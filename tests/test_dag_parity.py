@@ -55,6 +55,8 @@ def snakemake_params(project: Path, rule: str, wildcards: dict) -> set[str]:
         keys |= {f"settings.{wildcards['setting']}.{b.strip().strip(chr(34))}" for b in blocks.split(",") if b.strip()}
     if "PIPELINE" in params:
         keys.add("pipeline.settings")
+    if "ABLATION" in params:
+        keys.add("pipeline.ablation")
     return keys
 
 
@@ -115,8 +117,13 @@ def test_snakemake_and_dvc_declare_the_same_stages(project):
     for setting in ("toy-llamagen", "toy-var"):
         for name in STAGES:
             assert any(j["rule"] == name and f"setting={setting}" in j["wildcards"] for j in jobs), (name, setting)
-    for name in ("report", "report_figures"):
+    for name in ("report", "report_figures", "ablation_report"):
         assert any(j["rule"] == name for j in jobs)
+    # the toy ablation: one job per setting of pipeline.ablation, under both tools
+    ablation = yaml.safe_load((project / "params.yaml").read_text())["pipeline"]["ablation"]
+    assert ablation and {w for j in jobs if j["rule"] == "ablation" for w in j["wildcards"]} == {
+        f"setting={name}" for name in ablation}
+    assert {s["name"] for s in stages if s["name"].startswith("ablation@")} == {f"ablation@{n}" for n in ablation}
 
 
 def _paper_project(project: Path, tmp_path: Path) -> Path:

@@ -172,6 +172,27 @@ def test_losses_decrease_with_every_term(tmp_path):
         assert last < 0.8 * first, f"{term} did not fall: {[round(h[term], 4) for h in history]}"
 
 
+def test_perceptual_fraction_takes_the_term_over_the_first_rows_only():
+    """distill.perceptual_fraction 0.5: the perceptual term of a batch of 8 is that of its first 4 examples (the other
+    terms still see all 8); 1.0 is the whole batch."""
+    teacher = tiny_teacher("llamagen")
+    pairs = tiny_pairs(teacher, count=8)
+    labels, noise, tokens = pairs.get(torch.arange(8))
+    t = torch.tensor([0, 2] * 4)
+    torch.manual_seed(0)
+    perceptual = losses.FeatureDistance(DigitClassifier())
+    student = sampling.student_ops(init_student(teacher, 0).eval())
+    weights = {"ce": 1.0, "perceptual": 1.0, "mse": 1.0}
+    with torch.no_grad():
+        _, half = losses.distill_loss(student, teacher, None, labels, noise, tokens, t, 2, weights, perceptual, 0.5)
+        _, first = losses.distill_loss(student, teacher, None, labels[:4], noise[:4], tokens[:4], t[:4], 2, weights,
+                                       perceptual)
+        _, whole = losses.distill_loss(student, teacher, None, labels, noise, tokens, t, 2, weights, perceptual)
+    torch.testing.assert_close(half["perceptual"], first["perceptual"])
+    torch.testing.assert_close(half["ce"], whole["ce"])
+    assert not torch.allclose(half["perceptual"], whole["perceptual"])
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(var_pairs, tmp_path):
     """SIGKILL the training process after its step-4 checkpoint; a rerun resumes there and gives the same loss
     curve and weights as a run that was never interrupted. Drop-path is on, so the saved RNG state matters."""

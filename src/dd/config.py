@@ -127,6 +127,9 @@ class Distill:
     loss_weights: dict[str, float]  # ce / perceptual / mse
     perceptual: str  # "lpips" (paper rows), "random" (toy: random-weight conv features) or "feature" (classifier)
     seed: int
+    # share of each (micro-)batch the perceptual term decodes, in (0, 1]: the decoder's forward and backward are
+    # most of a toy step (benchmarks/RESULTS.md), so a smaller share buys more steps in the same time
+    perceptual_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -434,6 +437,7 @@ def _validate_setting(s: Setting, file: Path):
     if d.perceptual not in ("lpips", "random", "feature"):
         raise ConfigError(f"{file}: key '{where}.distill.perceptual' must be 'lpips', 'random' or 'feature' "
                           f"(got {d.perceptual!r})")
+    require(0.0 < d.perceptual_fraction <= 1.0, "distill.perceptual_fraction", d.perceptual_fraction, "(0, 1]")
     unknown = set(d.loss_weights) - {"ce", "perceptual", "mse"}
     if unknown:
         raise ConfigError(f"{file}: unknown key '{where}.distill.loss_weights.{sorted(unknown)[0]}' "

@@ -138,6 +138,8 @@ def _fingerprint(cfg: Distill, student: torch.nn.Module, teacher: Teacher, pairs
     """What a checkpoint must share with this run to be resumed: the recipe (but RESUMABLE_KEYS), the student,
     the teacher's codebook and the pairs' identity (their manifest's sha256 / content hash)."""
     recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_KEYS}
+    if recipe.get("perceptual_fraction") == 1.0:  # added later: at its default, checkpoints of before still resume
+        del recipe["perceptual_fraction"]
     blob = json.dumps({"distill": recipe, "student": student_constructor(student),
                        "codebook": teacher.codebook_sha256(), "pairs": pairs_identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -386,7 +388,8 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
             last = start + micro == local
             with contextlib.nullcontext() if last else accelerator.no_sync(net):
                 with accelerator.autocast():
-                    chunk_loss, chunk_terms = losses.distill_loss(ops, teacher, net, *chunk, cfg.split, weights, perceptual)
+                    chunk_loss, chunk_terms = losses.distill_loss(ops, teacher, net, *chunk, cfg.split, weights, perceptual,
+                                                                    cfg.perceptual_fraction)
                 accelerator.backward(chunk_loss * (micro / local))
             loss = loss + chunk_loss.detach() * (micro / local)
             for name, value in chunk_terms.items():

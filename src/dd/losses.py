@@ -9,12 +9,14 @@ conti, logits = student(x_t, label, t):
            + w_mse  * |conti - codebook[tokens]|^2              over positions >= t
 Every term is a per-example mean (over its positions or pixels), then a mean over the batch, so the loss of a
 global batch split over N processes is the mean of the per-process losses and DDP gradients equal those of
-one process on the whole batch. d is LPIPS (the `lpips` package, VGG trunk) for paper rows and, for the toy
+one process on the whole batch (with distill.perceptual_fraction < 1 the perceptual term averages over the first
+share of each (micro-)batch only: a random subset, since batches are random draws of the pairs). d is LPIPS (the `lpips` package, VGG trunk) for paper rows and, for the toy
 settings, random-weight conv features or the digit classifier's features, + pixel MSE (no download). Decoding goes
 through the frozen tokenizer of the Teacher seam (gradients flow to the continuous head).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -138,8 +140,10 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(student: sampling.StudentOps, teacher: Teacher, net, labels, noise, tokens, t, split: int,
-                 weights: dict, perceptual: torch.nn.Module | None):
-    """(total loss, {term: detached mean}) of one batch; see the module docstring."""
+                 weights: dict, perceptual: torch.nn.Module | None, perceptual_fraction: float = 1.0):
+    """(total loss, {term: detached mean}) of one batch; see the module docstring. perceptual_fraction: the
+    perceptual term is the mean over the first ceil(fraction * B) examples of the batch only (its rows are random
+    draws of the pairs, so this is a random subset)."""
     data = teacher.embed(tokens).to(noise.dtype)
     steps = t.float()
     x_t = student.perturb(data, steps, noise)
@@ -155,9 +159,10 @@ def distill_loss(student: sampling.StudentOps, teacher: Teacher, net, labels, no
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
         continuous = predicted & (positions >= student.prefix_len(split))
         hybrid = torch.where(continuous[..., None], conti.to(data.dtype), data)
+        rows = math.ceil(perceptual_fraction * data.shape[0])
         with torch.no_grad():
-            target_images = teacher.decode_embeddings(data)
-        terms["perceptual"] = perceptual(teacher.decode_embeddings(hybrid), target_images).float().mean()
+            target_images = teacher.decode_embeddings(data[:rows])
+        terms["perceptual"] = perceptual(teacher.decode_embeddings(hybrid[:rows]), target_images).float().mean()
     if not terms:
         raise StageError("distill: every loss weight is 0; set distill.loss_weights (ce, perceptual, mse)")
     total = sum(weights[name] * value for name, value in terms.items())

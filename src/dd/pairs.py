@@ -400,7 +400,7 @@ class ShardedPairs:
         redo = (f"rename {folder.name}/ to {folder.name}.partial/ and re-run `dd pairs --setting {setting}`: it "
                 f"redoes only the shards that fail their sha256")
         self.shards = []
-        for entry in tqdm(self.manifest["shards"], desc="[distill] verifying pair shards", unit="shard",
+        for entry in tqdm(self.manifest["shards"], desc="verifying pair shards", unit="shard",
                           disable=len(self.manifest["shards"]) < 20):
             path = folder / entry["file"]
             if not path.is_file():
