@@ -432,6 +432,10 @@ def test_ablation_stage_and_report(stage_project, monkeypatch):
     for key in ("fid", "precision", "recall", "class_accuracy", "diversity"):
         assert recipe["metrics"]["dd-1step"][key] == pytest.approx(evaluated[key], rel=1e-6, abs=1e-9), key
     assert all(v["pairs"] == 6 for v in index["variants"] if v["variant"] == "pairs=6")
+    # CE alone trains the same student whatever the split; the variant's own split decides how it samples
+    by_name = {v["variant"]: v for v in index["variants"]}
+    assert by_name["loss=ce"]["final_loss"] == by_name["loss=ce,split=all"]["final_loss"]
+    assert by_name["loss=ce"]["metrics"] != by_name["loss=ce,split=all"]["metrics"]
 
     stamp = (folder / "recipe.json").stat().st_mtime_ns
     assert cli.main(["ablation", *run]) == 0  # nothing left to train: the records are reused

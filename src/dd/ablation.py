@@ -109,7 +109,8 @@ class FirstPairs:
 
 def judge_student(student, teacher, setting: Setting, reference: dict) -> dict:
     """{method: toy metrics} of the DD 1-step and 2-step samples of `student`, drawn as the sample stage draws them
-    (the setting's sample count, balanced labels, seed and batch size; uint8 pixels) and judged by dd.judge."""
+    (the setting's sample count, balanced labels, seed and batch size; uint8 pixels; the t_list and split of
+    setting.distill, i.e. the variant's own) and judged by dd.judge."""
     import torch
 
     from dd import sampling
@@ -149,11 +150,13 @@ def run_variant(params: Params, setting: Setting, name: str, spec: dict, teacher
     def snapshot_path(step: int) -> Path:
         return folder / f"{name}@{step}.snapshot"
 
+    variant_setting = dataclasses.replace(setting, distill=cfg)  # its t_list and split are those the sampler uses
+
     def judge_snapshot(step, ema):  # written at once: a resumed run does not pass the earlier steps again
         if step in snapshot_steps:
-            write_json(snapshot_path(step), {"plan": plan, "metrics": judge_student(ema, teacher, setting, reference)})
+            write_json(snapshot_path(step), {"plan": plan, "metrics": judge_student(ema, teacher, variant_setting,
+                                                                                     reference)})
 
-    variant_setting = dataclasses.replace(setting, distill=cfg)
     perceptual = perceptual_distance(cfg.perceptual, teacher_dir(params, setting)) \
         if cfg.loss_weights.get("perceptual", 0.0) else None
     work = folder / f"{name}.partial"
@@ -168,7 +171,7 @@ def run_variant(params: Params, setting: Setting, name: str, spec: dict, teacher
                 raise StageError(f"ablation {setting.name} {name}: step {step} was not judged (its run resumed "
                                  f"past it); delete {work} and rerun")
             snapshots[str(step)] = saved["metrics"]
-        judged = judge_student(result.ema, teacher, setting, reference)
+        judged = judge_student(result.ema, teacher, variant_setting, reference)
         record = {"setting": setting.name, "variant": name, "change": spec["change"], "pairs": spec["pairs"],
                   "steps": cfg.max_steps, "final_loss": result.history[-1]["loss"], "seconds": result.seconds,
                   "metrics": judged, "snapshots": snapshots,
