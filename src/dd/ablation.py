@@ -65,11 +65,14 @@ def variants(setting: Setting, num_units: int, num_pairs: int) -> dict[str, dict
     variants that equal it}; the setting's own recipe is "recipe". num_units: the teacher's AR steps
     (Teacher.num_steps); num_pairs: how many pairs the pairs stage made."""
     cfg = setting.distill
+    # the loss variants train the continuous head: from the recipe's split, or from t_list[1] when the recipe
+    # samples every position from the logit head (split = the whole sequence: no continuous position to train)
+    hybrid = {} if cfg.split < num_units else {"split": min(cfg.t_list[1], num_units)}
     out = {"recipe": {}}
     for name, weights in LOSS_VARIANTS.items():
-        out[f"loss={name}"] = {"loss_weights": weights}
+        out[f"loss={name}"] = {"loss_weights": weights, **hybrid}
     out["loss=ce,split=all"] = {"loss_weights": LOSS_VARIANTS["ce"], "split": num_units}
-    out["perceptual=feature"] = {"perceptual": "feature"}
+    out["perceptual=feature"] = {"loss_weights": LOSS_VARIANTS["ce+perceptual"], "perceptual": "feature", **hybrid}
     for t2 in intermediate_timesteps(setting.family, num_units):
         out[f"t2={t2}"] = {"t_list": [0, t2]}
     for fraction in PAIR_FRACTIONS:
@@ -324,7 +327,13 @@ def write_report(params: Params, settings: list[str], out: Path) -> None:
         index = json.loads(path.read_text())
         rows = table_rows(index)
         teacher, onestep = index["teacher"], index["onestep"]
+        recipe = next(v for v in index["variants"] if v["variant"] == "recipe")["plan"]["distill"]
         lines += [f"## {name}", "",
+                  f"Recipe (every row changes it in one place): loss "
+                  f"{' + '.join(k for k, v in recipe['loss_weights'].items() if v)}"
+                  + (f" ({recipe['perceptual']} features)" if recipe["loss_weights"].get("perceptual") else "")
+                  + f", t_list {recipe['t_list']}, split {recipe['split']}, {recipe['max_steps']} steps of "
+                  f"{recipe['batch_size']}, lr {recipe['lr']:g}, seed {recipe['seed']}.", "",
                   f"Teacher: FID {teacher['fid']:.3g}, recall {teacher['recall']:.2f}, diversity "
                   f"{teacher['diversity']:.2f}, class accuracy {teacher['class_accuracy']:.3f}"
                   + (f"; onestep* FID {onestep['fid']:.3g} ({onestep['fid'] / teacher['fid']:.2f}x)" if onestep else "")
