@@ -424,7 +424,10 @@ def test_ablation_stage_and_report(stage_project, monkeypatch):
     index = json.loads((folder / "index.json").read_text())
     names = [v["variant"] for v in index["variants"]]
     assert names == list(ablation.variants(setting, 4, 24))  # tiny VAR: 4 scales; 24 pairs
-    assert {"loss=ce", "loss=ce+perceptual+mse", "loss=ce,split=all", "perceptual=feature", "t2=3", "pairs=6",
+    # the toy recipe: CE alone, every scale from the logit head; the loss variants train the continuous head from
+    # t_list[1] = 2 on
+    assert setting.distill.split == 4 and not setting.distill.loss_weights["perceptual"]
+    assert {"loss=ce", "loss=ce+perceptual", "loss=ce+perceptual+mse", "perceptual=feature", "t2=3", "pairs=6",
             "pairs=12"} <= set(names)
     recipe = next(v for v in index["variants"] if v["variant"] == "recipe")
     assert set(recipe["snapshots"]) == {"1", "3"}  # 6 steps: judged after 6 // 4 and 6 // 2 too
@@ -434,8 +437,9 @@ def test_ablation_stage_and_report(stage_project, monkeypatch):
     assert all(v["pairs"] == 6 for v in index["variants"] if v["variant"] == "pairs=6")
     # CE alone trains the same student whatever the split; the variant's own split decides how it samples
     by_name = {v["variant"]: v for v in index["variants"]}
-    assert by_name["loss=ce"]["final_loss"] == by_name["loss=ce,split=all"]["final_loss"]
-    assert by_name["loss=ce"]["metrics"] != by_name["loss=ce,split=all"]["metrics"]
+    assert by_name["loss=ce"]["plan"]["distill"]["split"] == 2
+    assert by_name["loss=ce"]["final_loss"] == by_name["recipe"]["final_loss"]
+    assert by_name["loss=ce"]["metrics"] != by_name["recipe"]["metrics"]
 
     stamp = (folder / "recipe.json").stat().st_mtime_ns
     assert cli.main(["ablation", *run]) == 0  # nothing left to train: the records are reused

@@ -253,11 +253,13 @@ def _judge_part(metrics: dict | None) -> dict | None:
 QUESTIONS = {
     "recipe": "the setting's recipe, as the distill stage trains it",
     "recipe@": "the same run stopped early (Fig. 7: training length)",
-    "loss=ce": "CE alone: the continuous head that the sampler uses from `split` on is never trained",
-    "loss=ce+perceptual": "CE + perceptual",
-    "loss=ce+perceptual+mse": "adds the MSE between the continuous head and the target embeddings",
+    "loss=ce": "CE alone with the continuous head from `split` on: that head gets no training signal",
+    "loss=ce+perceptual": "CE + the perceptual term (random conv features) through the continuous head from `split` "
+                          "on, as the paper's students",
+    "loss=ce+perceptual+mse": "as loss=ce+perceptual, plus the MSE between the continuous head and the target "
+                              "embeddings",
     "loss=ce,split=all": "CE alone, every position from the logit head",
-    "perceptual=feature": "the perceptual term through the digit classifier's features (trained to ignore style)",
+    "perceptual=feature": "as loss=ce+perceptual, through the digit classifier's features (trained to ignore style)",
     "t2=": "another intermediate timestep t_list[1]",
     "pairs=": "fewer pairs (Fig. 8: pair count)",
 }
@@ -296,7 +298,7 @@ def table_rows(index: dict) -> list[dict]:
             rows.append({
                 "setting": index["setting"], "variant": name + "".join(f" (= {a})" for a in record["also"]
                                                                        if "@" not in name),
-                "steps": steps, "pairs": record["pairs"],
+                "split": record["plan"]["distill"]["split"], "steps": steps, "pairs": record["pairs"],
                 "dd1_fid": one["fid"], "dd1_x_teacher": one["fid"] / teacher_fid, "dd2_fid": two["fid"],
                 "dd2_x_teacher": two["fid"] / teacher_fid, "dd1_recall": one["recall"],
                 "dd1_diversity": one["diversity"], "dd1_class_acc": one["class_accuracy"],
