@@ -323,6 +323,26 @@ def toy_metrics(reference: dict, images: torch.Tensor, labels: torch.Tensor) -> 
             "fid_reference": "1000 held-out test digits"}
 
 
+def toy_caption_metrics(params: Params, setting: Setting, images: torch.Tensor, rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict]:
+    """toy-t2i: (each sample's class = its evaluation caption's digit, and the share of samples whose thickness /
+    width / slant, measured from the pixels (dd.toy_captions, no network), fall in their caption's bin)."""
+    from dd.prompts import read_prompts, text_features_dir
+    from dd.toy_captions import AttributeBins
+    from dd.toy_teacher import caption_agreement
+
+    prompts = read_prompts(text_features_dir(params, setting), setting)["eval"]
+    if "classes" not in prompts:
+        raise StageError(f"setting '{setting.name}': its evaluation prompts carry no digit classes (prompts.source "
+                         f"toy-digits has them); the toy judge needs them")
+    bins = AttributeBins(**{k: tuple(v) for k, v in read_prompts(text_features_dir(params, setting),
+                                                                   setting)["attribute_bins"].items()})
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    agreement = caption_agreement(pixels, rows, {"bins": bins, "eval_attributes": {
+        k: torch.tensor(v) for k, v in prompts["attributes"].items()}})
+    return torch.tensor(prompts["classes"])[rows], agreement
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +396,10 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
             values = paper_metrics(params, shards, n_samples, device)
         else:
             images, labels = read_samples(folder)
-            values = toy_metrics(toy_reference(params, setting, n_samples), images, labels)
+            agreement = {}
+            if setting.text_to_image:  # the labels are caption rows; judge the caption's digit and attributes
+                labels, agreement = toy_caption_metrics(params, setting, images, labels)
+            values = {**toy_metrics(toy_reference(params, setting, n_samples), images, labels), **agreement}
         eval_seconds = time.perf_counter() - started
         timing = None
         if latency:
@@ -400,8 +423,8 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
         mlflow.log_artifact(str(out))
     print(f"[evaluate] {setting.name}/{method}: " + ", ".join(
-        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "class_accuracy", "diversity",
-                                          "fid_floor", "latency_s") if isinstance(record.get(k), float)), flush=True)
+        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "class_accuracy", "caption_agreement",
+                                          "diversity", "fid_floor", "latency_s") if isinstance(record.get(k), float)), flush=True)
     return out
 
 

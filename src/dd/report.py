@@ -41,7 +41,7 @@ PAPER_NUMBERS = Path(__file__).resolve().parents[2] / "reports" / "paper_numbers
 TOY_ANALOGUE = {"var": "var-d16", "llamagen": "llamagen-l"}
 GRID_METHODS = ("teacher", "dd-2step", "dd-1step")  # Appendix F order: the teacher, then fewer steps
 GRID_COLUMNS = 10
-TEXT_TO_IMAGE = {"llamagen-xl-t2i"}  # Table 3 settings (LAION-COCO prompts, FID on 5k images)
+TEXT_TO_IMAGE = {"llamagen-xl-t2i", "toy-t2i"}  # Table 3 settings (paper: LAION-COCO prompts, FID on 5k images)
 
 
 class ReportError(StageError):
@@ -60,7 +60,7 @@ def setting_methods(setting: Setting) -> list[str]:
 
 def table_of(setting: Setting, method: str) -> int:
     """Which paper table a method's row belongs to: 2 = teacher-involved, 3 = text-to-image, else 1."""
-    if setting.name in TEXT_TO_IMAGE:
+    if setting.name in TEXT_TO_IMAGE or setting.text_to_image:
         return 3
     return 2 if method.startswith("pre-trained-") else 1
 
