@@ -1,35 +1,14 @@
-"""toy-t2i (issue 15): the caption-conditioned pipeline through the same stages as the class-conditional one.
-
-A micro run of text features -> toy t2i teacher -> pairs -> distill -> sample -> evaluate, in process, with budgets
-cut to seconds: it checks the plumbing of the condition (caption rows stored, Captions read back), not quality
-(benchmarks/RESULTS.md has the full-size numbers)."""
-import json
-
+"""Text-to-image settings (issue 15): the prompts block, conditions by index, the methods, the paper row's FID against
+a reference folder. The micro run of toy-t2i through every stage (text features -> teacher -> pairs -> distill ->
+sample -> evaluate) is in tests/test_workflow.py, inside the DAG under both tools."""
 import pytest
 import torch
 import yaml
 
-from dd.conditions import CaptionConditions, ClassConditions, conditions_for, spread
+from dd.conditions import ClassConditions, conditions_for, spread
 from dd.config import ConfigError, load_params
 from dd.errors import StageError
-from dd.teacher import Captions
-from micro import MICRO_GATES, MICRO_TEACHER_TRAIN, REPO
-
-
-def micro_t2i_params(dest):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["tracking"] = {"mlflow_uri": "sqlite:///mlflow.db", "experiment": "tests"}
-    raw["pipeline"] = {"settings": ["toy-t2i"]}
-    s = raw["settings"]["toy-t2i"]
-    s["teacher"] = dict(s["teacher"], train=dict(s["teacher"]["train"], **MICRO_TEACHER_TRAIN),
-                        gates=dict(s["teacher"]["gates"], **MICRO_GATES))
-    s["pairs"] = dict(s["pairs"], num_pairs=12, shard_size=6, batch_size=6)
-    s["distill"] = dict(s["distill"], max_steps=2, batch_size=4, checkpoint_every=1, log_every=1)
-    s["sample"] = dict(s["sample"], num_samples=12, batch_size=6, shard_size=6)
-    dest.mkdir(parents=True, exist_ok=True)
-    path = dest / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_params(path)
+from micro import REPO
 
 
 def test_prompts_block_is_required_for_t2i_and_refused_for_c2i(tmp_path):
@@ -80,51 +59,54 @@ def test_class_conditions_are_the_identity_and_the_methods_of_t2i_have_no_oneste
     assert spread(1000, 4).tolist() == [0, 333, 666, 999] and spread(3, 5).tolist() == [0, 1, 2, 0, 1]
 
 
-def test_micro_toy_t2i_runs_every_stage_with_caption_conditions(tmp_path, monkeypatch):
-    from dd.distill import run_distill_stage
-    from dd.evaluate import run_evaluate_stage
-    from dd.pairs import ShardedPairs, run_pairs_stage
-    from dd.prompts import run_text_features_stage
-    from dd.sample_stage import read_manifest, read_samples, run_sample_stage
-    from dd.teacher import load_teacher
-    from dd.teacher_stage import run_teacher_stage
+def test_text_to_image_fid_against_a_reference_folder(tmp_path, monkeypatch):
+    """Paper t2i rows: FID against the statistics of a folder of reference images (no download: random Inception
+    weights here), cached by the folder's content; a missing folder names what to put where."""
+    import dataclasses
 
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    params = micro_t2i_params(tmp_path / "project")
-    setting = params.setting("toy-t2i")
-    with pytest.raises(StageError, match="text-features --setting toy-t2i"):
-        conditions_for(params, setting, "train")
+    import numpy as np
+    from PIL import Image
 
-    features = run_text_features_stage(params, setting, device="cpu")
-    prompts = json.loads((features / "prompts.json").read_text())
-    assert len(prompts["train"]["captions"]) == 4000 and len(prompts["eval"]["captions"]) == 1000
-    assert prompts["train"]["captions"][0].split()[3] == "zero" and set(prompts["eval"]["classes"]) == set(range(10))
-    evaluation = conditions_for(params, setting, "eval")
-    assert isinstance(evaluation, CaptionConditions) and evaluation.count == 1000
-    cond = evaluation(torch.tensor([0, 999]))
-    assert isinstance(cond, Captions) and tuple(cond.features.shape) == (2, 16, 32)
-    assert cond.mask[:, -1].all() and not cond.mask[:, 0].any(), "left-padded: real tokens at the end"
+    from dd import evaluate as ev
 
-    teacher_dir = run_teacher_stage(params, setting)
-    info = json.loads((teacher_dir / "teacher.json").read_text())
-    assert {"caption_agreement", "caption_all_agreement"} <= set(info["metrics"])
-    teacher = load_teacher(setting, teacher_dir, "cpu")
-    assert teacher.caption_shape == (16, 32)
+    monkeypatch.setenv("DD_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    params = load_params(REPO / "params.yaml")
+    setting = params.setting("llamagen-xl-t2i")
+    setting = dataclasses.replace(setting, image_size=64, sample=dataclasses.replace(
+        setting.sample, fid_reference=str(tmp_path / "reference")))
+    with pytest.raises(StageError, match=r"reference: no reference images.*val2014.zip.*fid_reference"):
+        ev.text_to_image_metrics(params, setting, [], 0, "cpu", model=object())
+    rng = np.random.default_rng(0)
+    (tmp_path / "reference").mkdir()
+    for i in range(6):  # odd sizes: shorter side resized to 64, then center-cropped
+        Image.fromarray(rng.integers(0, 256, (70 + i, 90, 3), dtype=np.uint8)).save(tmp_path / "reference" / f"{i}.png")
+    torch.manual_seed(0)
+    model = ev.FidInception().eval()
+    files = ev.reference_image_files(tmp_path / "reference")
+    same = next(ev.load_reference_images(files, 64))
+    assert same.shape == (6, 64, 64, 3) and same.dtype == torch.uint8
+    first = ev.text_to_image_metrics(params, setting, [same], 6, "cpu", model=model)
+    other = ev.text_to_image_metrics(params, setting, [255 - same], 6, "cpu", model=model)
+    assert first["fid"] < other["fid"] and first["is"] > 0 and "6 images" in first["fid_reference"]
+    assert len(list((tmp_path / "checkpoints" / "eval").glob("fid-reference-*-64.npz"))) == 1  # computed once
 
-    pairs_dir = run_pairs_stage(params, setting, device="cpu")
-    manifest = json.loads((pairs_dir / "manifest.json").read_text())
-    assert manifest["conditions"]["count"] == 4000 and "conditions.count" in manifest["seed_rule"]
-    labels = ShardedPairs(pairs_dir, teacher).get(torch.arange(12))[0]
-    assert int(labels.max()) < 4000 and len(labels.unique()) > 1  # caption rows, not classes
 
-    student = run_distill_stage(params, setting, device="cpu")
-    assert "dd-1step.class_accuracy" in json.loads((student / "metrics.json").read_text())
+def test_paper_text_features_offline_name_the_encoder_file_and_where_to_put_it(tmp_path, monkeypatch, capsys):
+    """The paper row's text-features stage with its captions file in place but no network: one line naming the
+    flan-t5-xl file, its URL and the path to put it at, exit code 1, and no finished-looking output."""
+    from dd import cli
 
-    for method in ("teacher", "dd-1step", "pre-trained-1-5"):
-        folder = run_sample_stage(params, setting, method, device="cpu")
-        images, rows = read_samples(folder)
-        assert images.shape == (12, 16, 16, 3) and rows.tolist() == list(range(12))
-        assert read_manifest(folder)["conditions"]["count"] == 1000
-    metrics = json.loads(run_evaluate_stage(params, setting, "dd-1step", device="cpu").read_text())
-    assert {"class_accuracy", "caption_agreement", "caption_width_agreement", "fid"} <= set(metrics)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["tracking"] = {"mlflow_uri": "sqlite:///mlflow.db", "experiment": "tests"}
+    raw["settings"]["llamagen-xl-t2i"]["prompts"].update(file="captions.txt", num_eval=2, num_train=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "captions.txt").write_text("a red bus\na cat on a sofa\ntwo dogs\na bowl of fruit\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("DD_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    code = cli.main(["text-features", "--params", str(tmp_path / "params.yaml"), "--setting", "llamagen-xl-t2i"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "flan-t5-xl:config.json" in err and "huggingface.co/google/flan-t5-xl" in err
+    assert str(tmp_path / "checkpoints" / "flan-t5-xl") in err
+    assert not (tmp_path / "results" / "llamagen-xl-t2i" / "text_features").exists()

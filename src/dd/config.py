@@ -145,6 +145,9 @@ class Sample:
     # teacher.dd_artifact) or "distilled" (results/<setting>/student, the distill stage); default: released
     # where the setting names a dd_artifact, else distilled
     student: Optional[str] = None
+    # text-to-image paper rows: a folder of reference images (relative to params.yaml); FID is computed against the
+    # statistics of their Inception features (as clean-fid's custom statistics), cached by the folder's content
+    fid_reference: Optional[str] = None
 
     def student_source(self, dd_artifact: Optional[str]) -> str:
         return self.student or ("released" if dd_artifact else "distilled")

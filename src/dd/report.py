@@ -153,7 +153,8 @@ def _ratio(num, den) -> float | None:
 
 def _paper_row(paper, setting: Setting, method: str, table: int):
     """The paper row a row of ours is compared with: its own row (paper settings) or the analogue's (toy)."""
-    name = setting.name if setting.paper_row else TOY_ANALOGUE.get(setting.family, "")
+    name = setting.name if setting.paper_row else (
+        "llamagen-xl-t2i" if setting.text_to_image else TOY_ANALOGUE.get(setting.family, ""))
     for t in (table, 1, 2):  # the teacher row of Table 2 repeats Table 1's
         if (name, method, t) in paper:
             return paper[(name, method, t)]
