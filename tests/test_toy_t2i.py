@@ -9,6 +9,7 @@ from dd.conditions import ClassConditions, conditions_for, spread
 from dd.config import ConfigError, load_params
 from dd.errors import StageError
 from micro import REPO
+from test_evaluate import TinyInception
 
 
 def test_prompts_block_is_required_for_t2i_and_refused_for_c2i(tmp_path):
@@ -60,8 +61,9 @@ def test_class_conditions_are_the_identity_and_the_methods_of_t2i_have_no_oneste
 
 
 def test_text_to_image_fid_against_a_reference_folder(tmp_path, monkeypatch):
-    """Paper t2i rows: FID against the statistics of a folder of reference images (no download: random Inception
-    weights here), cached by the folder's content; a missing folder names what to put where."""
+    """Paper t2i rows: FID against the statistics of a folder of reference images (no download: a tiny stand-in for
+    the Inception, whose own conformance is in test_evaluate.py), cached by the folder's content; a missing folder
+    names what to put where."""
     import dataclasses
 
     import numpy as np
@@ -81,7 +83,7 @@ def test_text_to_image_fid_against_a_reference_folder(tmp_path, monkeypatch):
     for i in range(6):  # odd sizes: shorter side resized to 64, then center-cropped
         Image.fromarray(rng.integers(0, 256, (70 + i, 90, 3), dtype=np.uint8)).save(tmp_path / "reference" / f"{i}.png")
     torch.manual_seed(0)
-    model = ev.FidInception().eval()
+    model = TinyInception()  # FidInception's interface with 64-d features (a 2048-d sqrtm takes minutes here)
     files = ev.reference_image_files(tmp_path / "reference")
     same = next(ev.load_reference_images(files, 64))
     assert same.shape == (6, 64, 64, 3) and same.dtype == torch.uint8

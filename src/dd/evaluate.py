@@ -324,6 +324,7 @@ def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, 
         raise StageError(f"settings.{setting.name}.sample.fid_reference: set the folder of reference images the "
                          f"text-to-image FID compares with")
     folder = folder if folder.is_absolute() else params.path.parent / folder
+    count = len(reference_image_files(folder))  # a missing folder fails before any feature is computed
     model = model or load_inception(params, device)
     features = inception_features(model, shards, total, desc="samples")
     mu, sigma = feature_statistics(features["fid"])
@@ -331,7 +332,7 @@ def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, 
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is": inception_score(features["adm_logits"]),
             "precision": None, "recall": None,
             "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d); IS through the ADM input path",
-            "fid_reference": f"{folder} ({len(reference_image_files(folder))} images, custom statistics)"}
+            "fid_reference": f"{folder} ({count} images, custom statistics)"}
 
 
 # --------------------------------------------------------------------------------------------------

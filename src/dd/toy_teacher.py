@@ -476,8 +476,9 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     condition = train_y if captions is None else captions["train"]
     metrics.update(train_teacher(toy, train_tokens, condition, train.teacher_epochs, train.teacher_lr,
                                  train.teacher_batch_size, generator, log, name))
-    if captions is None:  # the test digits' captions are the evaluation prompts, not encoded in test-digit order here
-        metrics["teacher.test_loss"] = teacher_test_loss(toy, test_tokens, test_y)
+    # toy-t2i: evaluation prompt i is the caption of test digit i
+    metrics["teacher.test_loss"] = teacher_test_loss(
+        toy, test_tokens, test_y if captions is None else captions["eval"](torch.arange(len(test_y))))
     _save_module(ar_model, out / FILES["teacher"])
     t = timed("teacher", t)
 
@@ -508,7 +509,7 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
             f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("caption_")) + " (chance 0.333, all 0.037)",
             flush=True)
     print(f"[teacher] {name}: codebook usage {metrics['tokenizer.codebook_usage']:.3f}, "
-          f"teacher test loss {metrics.get('teacher.test_loss', float('nan')):.3f}, "
+          f"teacher test loss {metrics['teacher.test_loss']:.3f}, "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     write_json(out / FILES["metrics"], metrics)
     write_json(out / "teacher.json", {
