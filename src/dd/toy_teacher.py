@@ -487,8 +487,10 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     sample_generator = torch.Generator().manual_seed(train.seed)
     if captions is None:
         samples = torch.cat([toy.sample(chunk, sampling, sample_generator) for chunk in labels.split(SAMPLE_BATCH)])
-    else:  # evaluation captions 0, 1, ...; the class is each caption's digit
-        rows = torch.arange(gates.num_samples) % captions["eval"].count
+    else:  # evaluation captions spread over the set (it is sorted by digit); the class is each caption's digit
+        from dd.conditions import spread
+
+        rows = spread(captions["eval"].count, gates.num_samples)
         labels = captions["eval"].classes(rows)
         samples = torch.cat([toy.sample(captions["eval"](chunk), sampling, sample_generator)
                              for chunk in rows.split(SAMPLE_BATCH)])
@@ -536,7 +538,8 @@ TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified a
 def toy_gate(ema, teacher: Teacher, setting: Setting, classifier, conditions=None) -> dict:
     """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
     their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed).
-    conditions (toy-t2i): the evaluation captions (dd.conditions), rows 0, 1, ... in turn; their digit is the class.
+    conditions (toy-t2i): the evaluation captions (dd.conditions), rows spread over the set (sorted by digit); their
+    digit is the class.
     Run by the distill stage (and dd.ablation) on the student it trained."""
     from dd import sampling
 
@@ -546,7 +549,9 @@ def toy_gate(ema, teacher: Teacher, setting: Setting, classifier, conditions=Non
     if conditions is None:
         labels = classes = torch.arange(n) % setting.num_classes
     else:
-        labels = torch.arange(n) % conditions.count
+        from dd.conditions import spread
+
+        labels = spread(conditions.count, n)
         classes = conditions.classes(labels)
     result = {}
     for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
