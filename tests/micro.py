@@ -16,7 +16,7 @@ MICRO_GATES = {"num_samples": 20, "enforce": False}
 
 def micro_params() -> dict:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for name in raw["pipeline"]["settings"]:
+    for name in raw["pipeline"]["settings"] + raw["pipeline"].get("text_to_image", []):
         s = raw["settings"][name]
         s["teacher"] = dict(s["teacher"], train=dict(s["teacher"]["train"], **MICRO_TEACHER_TRAIN),
                             gates=dict(s["teacher"]["gates"], **MICRO_GATES))

@@ -15,7 +15,7 @@ PARAMS = REPO / "params.yaml"
 def test_every_setting_is_present():
     params = load_params(PARAMS)
     assert set(params.settings) == {"var-d16", "var-d20", "var-d24", "llamagen-b", "llamagen-l",
-                                    "llamagen-xl-t2i", "toy-var", "toy-llamagen"}
+                                    "llamagen-xl-t2i", "toy-var", "toy-llamagen", "toy-t2i"}
     assert params.pipeline.settings == ["toy-llamagen", "toy-var"]
 
 

@@ -57,6 +57,8 @@ def snakemake_params(project: Path, rule: str, wildcards: dict) -> set[str]:
         keys.add("pipeline.settings")
     if "ABLATION" in params:
         keys.add("pipeline.ablation")
+    if "T2I" in params:
+        keys.add("pipeline.text_to_image")
     return keys
 
 
@@ -129,16 +131,19 @@ def test_snakemake_and_dvc_declare_the_same_stages(project):
 def _paper_project(project: Path, tmp_path: Path) -> Path:
     """The same project with every setting of params.yaml in pipeline.settings (the paper rows enabled)."""
     from dd.config import load_params
-    from dd.methods import sample_jobs
+    from dd.methods import sample_jobs, setting_jobs
 
     dest = tmp_path / "paper"
     subprocess.run(["cp", "-a", str(project), str(dest)], check=True)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
-    raw["pipeline"]["settings"] = list(raw["settings"])
-    raw["pipeline"]["methods"] = None
+    text_to_image = [name for name, s in raw["settings"].items() if s["teacher"]["model"].get("model_type") == "t2i"]
+    raw["pipeline"]["settings"] = [name for name in raw["settings"] if name not in text_to_image]
+    raw["pipeline"]["text_to_image"] = text_to_image
+    raw["pipeline"]["methods"] = raw["pipeline"]["stages"] = None
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(dest / "params.yaml", check_methods=False)
-    raw["pipeline"]["methods"] = sample_jobs(params, list(raw["settings"]))
+    raw["pipeline"]["methods"] = sample_jobs(params)
+    raw["pipeline"]["stages"] = setting_jobs(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
 

@@ -234,14 +234,14 @@ def test_killed_run_resumes_to_the_same_bytes(project, tmp_path, monkeypatch, ml
     real_make_shard = pairs.make_shard
     made = []
 
-    def killed_in_shard_2(teacher, setting, index, count, progress=None):
+    def killed_in_shard_2(teacher, setting, index, count, progress=None, conditions=None):
         made.append(index)
         if index == 2:  # die after the first batch of shard 2
             class Dying:
                 def update(self, n):
                     raise Killed
-            return real_make_shard(teacher, setting, index, count, progress=Dying())
-        return real_make_shard(teacher, setting, index, count, progress)
+            return real_make_shard(teacher, setting, index, count, progress=Dying(), conditions=conditions)
+        return real_make_shard(teacher, setting, index, count, progress, conditions=conditions)
 
     monkeypatch.setattr(pairs, "make_shard", killed_in_shard_2)
     with pytest.raises(Killed):

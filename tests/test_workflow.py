@@ -58,6 +58,26 @@ def _check_evaluated(project: Path, setting: str) -> None:
         assert metrics["n_samples"] == 16 and metrics["latency_s"] > 0, (setting, method)
 
 
+def _check_toy_t2i(project: Path) -> None:
+    """toy-t2i went through every stage with caption conditions: pairs hold caption rows of the training prompts,
+    samples the rows of the evaluation prompts, and the metrics judge each sample against its caption."""
+    from dd.sample_stage import read_samples
+
+    results = project / "results" / "toy-t2i"
+    prompts = json.loads((results / "text_features" / "prompts.json").read_text())
+    assert len(prompts["train"]["captions"]) == 4000 and len(prompts["eval"]["captions"]) == 1000
+    teacher = json.loads((results / "teacher" / "teacher.json").read_text())
+    assert {"caption_agreement", "caption_all_agreement", "sample_accuracy"} <= set(teacher["metrics"])
+    pairs = json.loads((results / "pairs" / "manifest.json").read_text())
+    assert pairs["conditions"]["count"] == 4000 and "conditions.count" in pairs["seed_rule"]
+    assert "dd-1step.class_accuracy" in json.loads((results / "student" / "metrics.json").read_text())
+    _, rows = read_samples(results / "samples" / "dd-1step")
+    assert rows.tolist() == list(range(16))  # evaluation prompts 0..15, not balanced class labels
+    _check_evaluated(project, "toy-t2i")
+    metrics = json.loads((results / "metrics" / "dd-1step.json").read_text())
+    assert 0 <= metrics["caption_agreement"] <= 1 and "caption_slant_agreement" in metrics
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return make_micro_project(tmp_path_factory.mktemp("micro"))
@@ -66,7 +86,8 @@ def project(tmp_path_factory):
 # The micro jobs are mostly process start-up (torch, MLflow): one thread each lets Snakemake run two at once on the
 # 2-core CI machine (the real toy stages take every core, cpu_threads), which also exercises concurrent jobs
 # writing the one MLflow store.
-ONE_THREAD_EACH = ["--set-threads", *(f"{rule}=1" for rule in ("teacher", "pairs", "distill", "sample", "evaluate"))]
+ONE_THREAD_EACH = ["--set-threads", *(f"{rule}=1" for rule in ("text_features", "teacher", "pairs", "distill", "sample",
+                                                                 "evaluate"))]
 
 
 def test_snakemake_runs_the_toy_dag(project):
@@ -75,7 +96,11 @@ def test_snakemake_runs_the_toy_dag(project):
                  "toy-var", "toy-llamagen"):
         for stage in ("teacher", "pairs", "student"):
             assert f"results/{name}/{stage}" in dry.stdout
-    _run([str(BIN / "snakemake"), "--cores", "2", "reproduce_table1", *ONE_THREAD_EACH], project)
+    # make reproduce's target never waits for the text-to-image settings (their own target: reproduce_table3)
+    assert "toy-t2i" not in _run([str(BIN / "snakemake"), "-n", "reproduce_table1"], project).stdout
+    _run([str(BIN / "snakemake"), "--cores", "2", "reproduce_table1", "reproduce_table3", *ONE_THREAD_EACH], project)
+    _check_toy_t2i(project)
+    assert "toy-t2i" in (project / "reports" / "table3.md").read_text()
     for setting in ("toy-llamagen", "toy-var"):
         for out in _stage_outputs(project, setting):
             assert out.is_file(), out
@@ -84,7 +109,8 @@ def test_snakemake_runs_the_toy_dag(project):
         _check_evaluated(project, setting)
     table = (project / "reports" / "table1.md").read_text()
     assert "toy-var" in table and "toy-llamagen" in table
-    again = _run([str(BIN / "snakemake"), "--cores", "2", "reproduce_table1", *ONE_THREAD_EACH], project)
+    again = _run([str(BIN / "snakemake"), "--cores", "2", "reproduce_table1", "reproduce_table3", *ONE_THREAD_EACH],
+                 project)
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
@@ -92,9 +118,10 @@ def test_dvc_repro_runs_the_toy_dag(project):
     # A fresh results/ for DVC: it must build the same outputs on its own.
     subprocess.run(["rm", "-rf", "results"], cwd=project, check=True)
     _run([str(BIN / "dvc"), "repro"], project)
-    for setting in ("toy-llamagen", "toy-var"):
+    for setting in ("toy-llamagen", "toy-var", "toy-t2i"):
         for out in _stage_outputs(project, setting):
             assert out.is_file(), out
         _check_evaluated(project, setting)
+    _check_toy_t2i(project)
     status = _run([str(BIN / "dvc"), "status"], project)
     assert "up to date" in status.stdout

@@ -47,6 +47,14 @@ def cmd_teacher(args) -> int:
     return 0
 
 
+def cmd_text_features(args) -> int:
+    from dd.prompts import run_text_features_stage
+
+    params = load_params(args.params)
+    run_text_features_stage(params, params.setting(args.setting), device=args.device)
+    return 0
+
+
 def cmd_pairs(args) -> int:
     from dd.pairs import merge_pairs, parse_shards, run_pairs_stage
 
@@ -82,8 +90,11 @@ def cmd_report(args) -> int:
     from dd.report import run_report
 
     params = load_params(args.params)
-    run_report(params, args.setting or None, tables=() if args.only == "figures" else (1, 2, 3),
-               figures=args.only != "tables")
+    if args.only == "table3":  # the text-to-image settings (pipeline.text_to_image): their own target and job
+        run_report(params, args.setting or list(params.pipeline.text_to_image), tables=(3,), figures=False)
+        return 0
+    tables = {"figures": (), "tables": (1, 2)}.get(args.only, (1, 2, 3))
+    run_report(params, args.setting or None, tables=tables, figures=args.only not in ("tables",))
     return 0
 
 
@@ -96,7 +107,8 @@ def cmd_plan(args) -> int:
 
 
 # the commands that compute: their torch thread count comes from apply_threads, the same under Snakemake and DVC
-THREADED_COMMANDS = ("teacher", "pairs", "distill", "sample", "bench", "evaluate", "ablation")
+THREADED_COMMANDS = ("teacher", "text-features", "pairs", "distill", "sample", "bench", "evaluate",
+                     "ablation")
 
 
 def apply_threads(params) -> int:
@@ -143,12 +155,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from dd.methods import all_methods, sample_jobs
+    from dd.methods import all_methods, sample_jobs, setting_jobs
 
     params = load_params(args.params, check_methods=False)
     if args.yaml:
+        print("  methods:")
         for key, job in sample_jobs(params).items():
-            print(f"    {key}: {{setting: {job['setting']}, method: {job['method']}, upstream: {job['upstream']}}}")
+            print(f"    {key}: {{setting: {job['setting']}, method: {job['method']}, upstream: {job['upstream']}, "
+                  f"conditions: {job['conditions']}}}")
+        print("  stages:")
+        for key, job in setting_jobs(params).items():
+            print(f"    {key}: {{setting: {job['setting']}, conditions: {job['conditions']}}}")
         return 0
     names = [args.setting] if args.setting else list(params.settings)
     for name in names:
@@ -205,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="teacher stage: fetch (paper rows) or train (toy settings)")
     _common(p)
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("text-features", help="text-to-image settings: the prompts (training / evaluation) and their "
+                                             "caption features, encoded once (resumable)")
+    _common(p)
+    p.add_argument("--device", default=None, help="torch device of the text encoder (default: cuda if available)")
+    p.set_defaults(func=cmd_text_features)
 
     p = sub.add_parser("pairs", help="pairs stage: noise -> token trajectories of the teacher (resumable)")
     _common(p)
@@ -270,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "from the per-setting reports (missing inputs read 'not run')")
     _common(p, setting=False)
     p.add_argument("--setting", action="append", help="a setting to report (repeatable; default: pipeline.settings)")
-    p.add_argument("--only", choices=["tables", "figures"], help="write only the tables or only the figure")
+    p.add_argument("--only", choices=["tables", "table3", "figures"],
+                   help="write only tables 1-2 (of pipeline.settings), only table 3 (of pipeline.text_to_image) or "
+                        "only the figure")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ablation", help="toy ablation of the distill recipe (loss terms, t2, pair count, training "

@@ -63,6 +63,9 @@ class Gates:
     # digits, both in the gate classifier's features (at most this).
     sample_diversity: float = 0.0
     sample_fid_ratio: float = 0.0
+    # toy-t2i: mean share of the samples whose measured thickness / width / slant bin equals their caption's
+    # (dd.toy_captions.measure_attributes, no network; chance 1/3)
+    caption_agreement: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,30 @@ class Sample:
     # teacher.dd_artifact) or "distilled" (results/<setting>/student, the distill stage); default: released
     # where the setting names a dd_artifact, else distilled
     student: Optional[str] = None
+    # text-to-image paper rows: a folder of reference images (relative to params.yaml); FID is computed against the
+    # statistics of their Inception features (as clean-fid's custom statistics), cached by the folder's content
+    fid_reference: Optional[str] = None
 
     def student_source(self, dd_artifact: Optional[str]) -> str:
         return self.student or ("released" if dd_artifact else "distilled")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Text-to-image settings only: the captions (training prompts for the pairs, evaluation prompts for the
+    sample stage) and the text encoder that turns them into the cached caption features (dd.prompts)."""
+    # "toy-digits": captions measured from the toy's train digits (training prompts) and test digits (evaluation
+    # prompts), dd.toy_captions; "file": a text file of captions, one per line (e.g. COCO captions)
+    source: str
+    encoder: str  # "toy": the offline seeded tiny T5 of dd.toy_captions; "flan-t5-xl": the hub folder artifact
+    max_length: int  # caption tokens (the teacher's cls_token_num; the official t2i GPT reads 120)
+    file: Optional[str] = None  # source "file": path of the captions file (relative to params.yaml)
+    num_eval: int = 0  # source "file": captions held out for evaluation (the rest train); toy: every test digit
+    num_train: int = 0  # source "file": training prompts kept of the rest (0 = all); the features are held in memory
+    split_seed: int = 0  # source "file": the seed of the shuffle that splits the file into eval / train
+    shard_size: int = 1024  # captions per feature shard
+    batch_size: int = 32  # captions per encoder call
+    dtype: str = "float32"  # of the stored features: float32, bfloat16 or float16
 
 
 @dataclass(frozen=True)
@@ -164,6 +188,12 @@ class Setting:
     pairs: Pairs
     distill: Distill
     sample: Sample
+    prompts: Optional[Prompts] = None  # text-to-image settings only
+
+    @property
+    def text_to_image(self) -> bool:
+        """A caption-conditioned (LlamaGen t2i) teacher: the condition is a caption, not a class label."""
+        return self.teacher.model.get("model_type") == "t2i"
 
 
 @dataclass(frozen=True)
@@ -184,6 +214,12 @@ class Pipeline:
     # toy settings whose distill recipe dd.ablation varies (the DAG target reproduce_ablation; `dvc repro` runs it
     # with everything else): each a toy setting of `settings`; [] = no ablation
     ablation: list[str] = field(default_factory=list)
+    # text-to-image settings (Table 3) that `dvc repro`, `snakemake --cores all` and reproduce_table3 run; kept out of
+    # `settings` so that reproduce_table1 (make reproduce) stays as short as it is
+    text_to_image: list[str] = field(default_factory=list)
+    # every setting of `settings` + `text_to_image` with the conditions its stages read (dd.methods.setting_jobs):
+    # dvc.yaml's teacher/pairs/distill stages iterate it; checked like `methods`
+    stages: Optional[dict[str, dict[str, str]]] = None
 
 
 @dataclass(frozen=True)
@@ -396,6 +432,7 @@ def _validate_setting(s: Setting, file: Path):
             probability(f"teacher.gates.{key}", getattr(t.gates, key))
         positive("teacher.gates.num_samples", t.gates.num_samples)
         probability("teacher.gates.sample_diversity", t.gates.sample_diversity)
+        probability("teacher.gates.caption_agreement", t.gates.caption_agreement)
         require(t.gates.sample_fid_ratio >= 0, "teacher.gates.sample_fid_ratio", t.gates.sample_fid_ratio,
                 ">= 0 (0 = not checked)")
 
@@ -447,6 +484,37 @@ def _validate_setting(s: Setting, file: Path):
     require(any(v > 0 for v in d.loss_weights.values()), "distill.loss_weights", d.loss_weights,
             "at least one of ce, perceptual, mse > 0")
     _validate_sample(s, file)
+    _validate_prompts(s, file)
+
+
+def _validate_prompts(s: Setting, file: Path):
+    where, p = f"settings.{s.name}.prompts", s.prompts
+    if not s.text_to_image:
+        if p is not None:
+            raise ConfigError(f"{file}: key '{where}' is for text-to-image settings (teacher.model.model_type: t2i); "
+                              f"remove it from this class-conditional setting")
+        return
+    if p is None:
+        raise ConfigError(f"{file}: setting '{s.name}' is text-to-image (teacher.model.model_type: t2i): set "
+                          f"'{where}' (source, encoder, max_length)")
+    if p.source not in ("toy-digits", "file"):
+        raise ConfigError(f"{file}: key '{where}.source' must be 'toy-digits' or 'file' (got {p.source!r})")
+    if p.encoder not in ("toy", "flan-t5-xl"):
+        raise ConfigError(f"{file}: key '{where}.encoder' must be 'toy' or 'flan-t5-xl' (got {p.encoder!r})")
+    if p.source == "file" and not p.file:
+        raise ConfigError(f"{file}: key '{where}.file' must name the captions file (one caption per line) when "
+                          f"source is 'file'")
+    if p.source == "file":
+        _require(p.num_eval > 0, file, f"{where}.num_eval", p.num_eval, "> 0 (captions held out for evaluation)")
+    cls_tokens = s.teacher.model.get("cls_token_num", 120)
+    _require(p.max_length == cls_tokens, file, f"{where}.max_length", p.max_length,
+             f"the teacher's caption positions, teacher.model.cls_token_num = {cls_tokens}")
+    for key in ("shard_size", "batch_size"):
+        _require(getattr(p, key) > 0, file, f"{where}.{key}", getattr(p, key), "> 0")
+    _require(p.num_train >= 0, file, f"{where}.num_train", p.num_train, "an integer >= 0 (0 = all)")
+    _require(p.split_seed >= 0, file, f"{where}.split_seed", p.split_seed, "an integer >= 0")
+    _require(p.dtype in ("float32", "bfloat16", "float16"), file, f"{where}.dtype", p.dtype,
+             "float32, bfloat16 or float16")
 
 
 def _validate_sample(s: Setting, file: Path):
@@ -504,6 +572,14 @@ def load_params(path: Path | str = "params.yaml", check_methods: bool = True) ->
         if name not in settings:
             raise ConfigError(f"{file}: key 'pipeline.settings[{i}]' names unknown setting '{name}' "
                               f"(known: {', '.join(settings)})")
+    for i, name in enumerate(pipeline.text_to_image):
+        if name not in settings or not settings[name].text_to_image:
+            raise ConfigError(f"{file}: key 'pipeline.text_to_image[{i}]' names '{name}', which is not a text-to-image "
+                              f"setting of this file (teacher.model.model_type: t2i)")
+    for i, name in enumerate(pipeline.settings):
+        if settings[name].text_to_image:
+            raise ConfigError(f"{file}: key 'pipeline.settings[{i}]' names the text-to-image setting '{name}'; list it "
+                              f"under pipeline.text_to_image (Table 3 has its own targets)")
     for i, name in enumerate(pipeline.ablation):
         if name not in pipeline.settings or settings[name].paper_row:
             raise ConfigError(f"{file}: key 'pipeline.ablation[{i}]' is '{name}'; allowed: the toy settings of "
@@ -521,5 +597,12 @@ def load_params(path: Path | str = "params.yaml", check_methods: bool = True) ->
             detail = (f"missing {missing[:4]}" if missing else "") + (f" unexpected {extra[:4]}" if extra else "")
             raise ConfigError(f"{file}: key 'pipeline.methods' does not list exactly the methods of "
                               f"pipeline.settings ({detail.strip() or 'entries differ'}); regenerate it with "
+                              f"`python -m dd methods --params {file} --yaml` and paste it under pipeline")
+    if pipeline.stages is not None and check_methods:
+        from dd.methods import setting_jobs
+
+        if pipeline.stages != setting_jobs(params):
+            raise ConfigError(f"{file}: key 'pipeline.stages' does not list exactly the settings of pipeline.settings "
+                              f"and pipeline.text_to_image with their conditions; regenerate it with "
                               f"`python -m dd methods --params {file} --yaml` and paste it under pipeline")
     return params

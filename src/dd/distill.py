@@ -279,12 +279,21 @@ def _grid_labels(num_classes: int) -> torch.Tensor:
     return (torch.arange(GRID_SAMPLES) * max(1, num_classes // GRID_SAMPLES)) % num_classes
 
 
-def log_sample_grid(tracker, ema, teacher: Teacher, cfg: Distill, step: int) -> None:
-    """DD 1-step samples of the EMA student, fixed labels and noise, to MLflow."""
+def grid_condition(conditions, teacher: Teacher):
+    """The fixed conditions of the sample grids: spread class labels, or caption rows spread over the set."""
+    if conditions is None or conditions.kind == "class":
+        return _grid_labels(teacher.num_classes).to(teacher.device)
+    from dd.conditions import spread
+
+    return conditions(spread(conditions.count, GRID_SAMPLES)).to(teacher.device)
+
+
+def log_sample_grid(tracker, ema, teacher: Teacher, cfg: Distill, step: int, conditions=None) -> None:
+    """DD 1-step samples of the EMA student, fixed conditions and noise, to MLflow."""
     from dd.data import image_grid
 
     ops = sampling.student_ops(ema)
-    labels = _grid_labels(teacher.num_classes).to(teacher.device)
+    labels = grid_condition(conditions, teacher)
     noise = sampling.sample_noise(ops, range(GRID_SAMPLES), cfg.seed)
     with torch.no_grad():
         images = teacher.decode_embeddings(sampling.dd_sample(ops, labels, noise, cfg.t_list[:1], cfg.split))
@@ -294,7 +303,7 @@ def log_sample_grid(tracker, ema, teacher: Teacher, cfg: Distill, step: int) -> 
 def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, perceptual=None, cpu: bool = False,
                   micro_batch: int | None = None, tracker=None, callback: Callable[[int, dict], None] | None = None,
                   ema_callback: Callable[[int, torch.nn.Module], None] | None = None,
-                  progress: bool = True) -> TrainResult:
+                  progress: bool = True, conditions=None) -> TrainResult:
     """Distil `teacher` into a fresh student on `pairs` (TensorPairs / ShardedPairs) by the recipe `cfg`.
 
     work: the checkpoint folder (results/<S>/student.partial); an existing checkpoint with the same recipe, student
@@ -306,7 +315,8 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
     object (log_metrics(dict, step=), log_image(image, name)); only the main process uses it. callback(step, record)
     runs after every optimizer step on every process (tests use it to simulate a crash); ema_callback(step, ema)
     after every optimizer step on the main process only, with the EMA student (dd.ablation judges it at chosen
-    steps: the training-length axis). The global torch RNG
+    steps: the training-length axis). conditions: what turns the pairs' condition indices into the teacher's
+    condition (dd.conditions; default: they are class labels). The global torch RNG
     (drop-path) is seeded from (cfg.seed, process) on a fresh start and restored from the checkpoint on resume.
     """
     from accelerate import Accelerator
@@ -381,6 +391,8 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
         indices = global_batch(len(pairs), cfg.batch_size, cfg.seed, step)[rank * local:(rank + 1) * local]
         t = global_timesteps(cfg.t_list, cfg.batch_size, cfg.seed, step)[rank * local:(rank + 1) * local]
         batch = [x.to(device) for x in (*pairs.get(indices), t)]
+        if conditions is not None:  # caption rows -> Captions (features + mask), sliced like the tensors below
+            batch[0] = conditions(batch[0]).to(device)
         optimizer.zero_grad(set_to_none=True)
         loss, terms = 0.0, {}
         for start in range(0, local, micro):  # gradient accumulation; DDP syncs on the last micro-batch only
@@ -426,7 +438,7 @@ def train_student(teacher: Teacher, pairs, cfg: Distill, work: Path | str, *, pe
                              "data_position": {"examples_seen": step * cfg.batch_size, "epoch": epoch,
                                                "offset_in_epoch": offset}})
             if main and tracker is not None:
-                log_sample_grid(tracker, ema, teacher, cfg, step)
+                log_sample_grid(tracker, ema, teacher, cfg, step, conditions)
         if ema_callback is not None and main:
             ema_callback(step, ema)
         if callback is not None:
@@ -447,6 +459,7 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
     from accelerate import PartialState
 
     from dd.data import image_grid, load_classifier
+    from dd.conditions import conditions_for
     from dd.pairs import ShardedPairs, pairs_dir
     from dd.teacher import load_teacher
     from dd.teacher_stage import teacher_dir
@@ -464,11 +477,14 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
     work = final.with_name(final.name + ".partial")
     teacher = load_teacher(setting, t_dir, state.device)
     pairs = ShardedPairs(pairs_dir(params, setting), teacher)
+    conditions = conditions_for(params, setting, "train")
+    if conditions.kind == "class":
+        conditions = None  # the indices are the labels
     perceptual = losses.perceptual_distance(cfg.perceptual, t_dir) if cfg.loss_weights.get("perceptual", 0.0) else None
 
     def train(tracker):
         return train_student(teacher, pairs, cfg, work, perceptual=perceptual, cpu=cpu, micro_batch=micro_batch,
-                             tracker=tracker)
+                             tracker=tracker, conditions=conditions)
 
     if not state.is_main_process:
         train(None)
@@ -482,7 +498,8 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
         classifier_path = t_dir / TOY_FILES["classifier"]
         if classifier_path.is_file():
             classifier = load_classifier(classifier_path, device=state.device)
-            metrics.update(toy_gate(result.ema, teacher, setting, classifier))
+            metrics.update(toy_gate(result.ema, teacher, setting, classifier,
+                                    conditions_for(params, setting, "eval") if setting.text_to_image else None))
             teacher_info = json.loads((t_dir / "teacher.json").read_text())
             teacher_rate = teacher_info.get("metrics", {}).get("sample_accuracy")
             if teacher_rate is not None:
@@ -497,7 +514,7 @@ def run_distill_stage(params: Params, setting: Setting, device: str | None = Non
         with atomic_dir(final) as out:
             save_file(_state_tensors(result.ema), str(out / STUDENT_FILE))
             ops = sampling.student_ops(result.ema)
-            labels = _grid_labels(teacher.num_classes).to(teacher.device)
+            labels = grid_condition(conditions, teacher)
             noise = sampling.sample_noise(ops, range(GRID_SAMPLES), cfg.seed)
             images = teacher.decode_embeddings(sampling.dd_sample(ops, labels, noise, cfg.t_list[:1], cfg.split))
             image_grid(images, nrow=8).save(out / "samples.png")

@@ -263,6 +263,78 @@ def paper_metrics(params: Params, shards, total: int, device) -> dict:
             "pr_reference": "ADM VIRTUAL_imagenet256_labeled.npz"}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def reference_image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise StageError(f"{folder}: no reference images (.png/.jpg/.jpeg/.webp/.bmp) for the text-to-image FID; put "
+                         f"them there (e.g. the COCO 2014 val images of the evaluation prompts, "
+                         f"http://images.cocodataset.org/zips/val2014.zip) or point sample.fid_reference at yours")
+    return files
+
+
+def load_reference_images(files: list[Path], size: int, batch_size: int = 100):
+    """uint8 (n, size, size, 3) batches: each image RGB, its shorter side resized to `size` (bicubic) and
+    center-cropped (GUESS: the usual ADM / LlamaGen preprocessing of reference images)."""
+    from PIL import Image
+
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start:start + batch_size]:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                scale = size / min(image.size)
+                image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                                     Image.BICUBIC)
+                left, top = (image.width - size) // 2, (image.height - size) // 2
+                batch.append(torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size))).copy()))
+        yield torch.stack(batch)
+
+
+def reference_statistics(params: Params, model: "FidInception", folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the reference folder's FID features (clean-fid's custom statistics, made with our Inception
+    path), cached in checkpoints/eval/ under the sha256 of the folder's file names and bytes."""
+    import hashlib
+
+    files = reference_image_files(folder)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(hub.sha256_of(path).encode())
+    cache = eval_dir(params) / f"fid-reference-{digest.hexdigest()[:16]}-{size}.npz"
+    if cache.is_file():
+        stats = np.load(cache, allow_pickle=False)
+        return stats["mu"], stats["sigma"]
+    features = inception_features(model, load_reference_images(files, size), len(files), paths=("fid",),
+                                  desc=f"reference images {folder.name}")["fid"]
+    mu, sigma = feature_statistics(features)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(cache) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, mu=mu, sigma=sigma, count=len(files))
+    return mu, sigma
+
+
+def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, device, model=None) -> dict:
+    """Table 3 (paper t2i rows): FID of the samples against the reference folder's statistics, and IS."""
+    folder = Path(setting.sample.fid_reference or "")
+    if not setting.sample.fid_reference:
+        raise StageError(f"settings.{setting.name}.sample.fid_reference: set the folder of reference images the "
+                         f"text-to-image FID compares with")
+    folder = folder if folder.is_absolute() else params.path.parent / folder
+    count = len(reference_image_files(folder))  # a missing folder fails before any feature is computed
+    model = model or load_inception(params, device)
+    features = inception_features(model, shards, total, desc="samples")
+    mu, sigma = feature_statistics(features["fid"])
+    ref_mu, ref_sigma = reference_statistics(params, model, folder, setting.image_size)
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is": inception_score(features["adm_logits"]),
+            "precision": None, "recall": None,
+            "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d); IS through the ADM input path",
+            "fid_reference": f"{folder} ({count} images, custom statistics)"}
+
+
 # --------------------------------------------------------------------------------------------------
 # Toy rows: the judge
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +395,26 @@ def toy_metrics(reference: dict, images: torch.Tensor, labels: torch.Tensor) -> 
             "fid_reference": "1000 held-out test digits"}
 
 
+def toy_caption_metrics(params: Params, setting: Setting, images: torch.Tensor, rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict]:
+    """toy-t2i: (each sample's class = its evaluation caption's digit, and the share of samples whose thickness /
+    width / slant, measured from the pixels (dd.toy_captions, no network), fall in their caption's bin)."""
+    from dd.prompts import read_prompts, text_features_dir
+    from dd.toy_captions import AttributeBins
+    from dd.toy_teacher import caption_agreement
+
+    prompts = read_prompts(text_features_dir(params, setting), setting)["eval"]
+    if "classes" not in prompts:
+        raise StageError(f"setting '{setting.name}': its evaluation prompts carry no digit classes (prompts.source "
+                         f"toy-digits has them); the toy judge needs them")
+    bins = AttributeBins(**{k: tuple(v) for k, v in read_prompts(text_features_dir(params, setting),
+                                                                   setting)["attribute_bins"].items()})
+    pixels = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    agreement = caption_agreement(pixels, rows, {"bins": bins, "eval_attributes": {
+        k: torch.tensor(v) for k, v in prompts["attributes"].items()}})
+    return torch.tensor(prompts["classes"])[rows], agreement
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -373,10 +465,14 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
         print(f"[evaluate] {setting.name}/{method}: {n_samples} samples, {manifest.get('steps')} steps", flush=True)
         if setting.paper_row:
             shards = (images for images, _ in iter_sample_shards(folder))
-            values = paper_metrics(params, shards, n_samples, device)
+            values = (text_to_image_metrics(params, setting, shards, n_samples, device) if setting.text_to_image
+                      else paper_metrics(params, shards, n_samples, device))
         else:
             images, labels = read_samples(folder)
-            values = toy_metrics(toy_reference(params, setting, n_samples), images, labels)
+            agreement = {}
+            if setting.text_to_image:  # the labels are caption rows; judge the caption's digit and attributes
+                labels, agreement = toy_caption_metrics(params, setting, images, labels)
+            values = {**toy_metrics(toy_reference(params, setting, n_samples), images, labels), **agreement}
         eval_seconds = time.perf_counter() - started
         timing = None
         if latency:
@@ -400,8 +496,8 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
         mlflow.log_artifact(str(out))
     print(f"[evaluate] {setting.name}/{method}: " + ", ".join(
-        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "class_accuracy", "diversity",
-                                          "fid_floor", "latency_s") if isinstance(record.get(k), float)), flush=True)
+        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "class_accuracy", "caption_agreement",
+                                          "diversity", "fid_floor", "latency_s") if isinstance(record.get(k), float)), flush=True)
     return out
 
 

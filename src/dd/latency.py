@@ -34,7 +34,7 @@ def measure_latency(params: Params, setting: Setting | str, method_name: str, de
                     sampler=None) -> dict:
     """Seconds per image of one method in steady state (module docstring). batch_size: default the setting's
     sample.batch_size. sampler: an already built dd.sample_stage.Sampler (skips loading)."""
-    from dd.sample_stage import balanced_labels, build_sampler
+    from dd.sample_stage import build_sampler, sample_labels
 
     if isinstance(setting, str):
         setting = params.setting(setting)
@@ -43,7 +43,7 @@ def measure_latency(params: Params, setting: Setting | str, method_name: str, de
     batch = batch_size or setting.sample.batch_size
     if sampler is None:
         sampler = build_sampler(params, setting, method_name, device, random_weights=random_weights)
-    labels = balanced_labels(batch, setting.num_classes, setting.sample.seed).to(sampler.device)
+    labels = sample_labels(setting, sampler.conditions, batch, setting.sample.seed).to(sampler.device)
     for _ in range(warmup):
         sampler.images(labels, 0)
     _synchronize(sampler.device)

@@ -9,7 +9,8 @@ Kinds of method (reference/dd-paper.md §3, Tables 1 and 2):
                    partial f_hat of the scales it ran (the last scales' residuals left empty), LlamaGen decodes
                    its latent grid with zero vectors at the skipped raster positions. No network pass fills them,
                    so #Step = AR steps run (VAR skip-1: 9, LlamaGen skip-106: 150, as the paper counts).
-    onestep        onestep*: every position drawn independently from its per-position, per-class token frequencies
+    onestep        (class-conditional settings) onestep*: every position drawn independently from its per-position,
+                   per-class token frequencies
                    counted on the pairs data (the teacher's own token sequences; Proposition 3.1's closed-form
                    optimum of one-step set prediction). No network; #Step = 1 as the paper's table counts it (one
                    parallel step; it is a table look-up, not a forward pass).
@@ -148,7 +149,8 @@ def all_methods(setting) -> dict:
     methods = {"teacher": TeacherMethod("teacher")}
     for n in sorted(setting.sample.skip):
         methods[skip_name(n)] = TeacherMethod(skip_name(n), skip=n)
-    methods["onestep"] = OneStepMethod()
+    if not setting.text_to_image:  # per-class token frequencies; a caption is (nearly) never seen twice
+        methods["onestep"] = OneStepMethod()
     methods.update(methods_for(setting.name, setting.distill.t_list, setting.distill.split))
     return methods
 
@@ -170,17 +172,35 @@ def upstream(setting, method_name: str) -> str:
     return "teacher"
 
 
+def pipeline_settings(params) -> list[str]:
+    """The settings the workflows run: pipeline.settings, then pipeline.text_to_image."""
+    return list(params.pipeline.settings) + list(params.pipeline.text_to_image)
+
+
+def conditions_input(setting) -> str:
+    """What a setting's stages read to know their conditions (dd.conditions): the text-features stage's output of
+    a text-to-image setting; for class labels, the code that says they are the condition."""
+    return f"results/{setting.name}/text_features" if setting.text_to_image else "src/dd/conditions.py"
+
+
 def sample_jobs(params, settings=None) -> dict[str, dict]:
-    """{"<setting>_<method>": {"setting", "method", "upstream"}} for the given settings (default: the pipeline's):
-    the list params.yaml spells out for dvc.yaml (`pipeline.methods`), which cannot derive it."""
-    names = params.pipeline.settings if settings is None else settings
+    """{"<setting>_<method>": {"setting", "method", "upstream", "conditions"}} for the given settings (default: the
+    pipeline's): the list params.yaml spells out for dvc.yaml (`pipeline.methods`), which cannot derive it."""
+    names = pipeline_settings(params) if settings is None else settings
     jobs = {}
     for name in names:
         setting = params.setting(name)
         for method in method_names(setting):
             jobs[job_key(name, method)] = {"setting": name, "method": method,
-                                           "upstream": f"results/{name}/{upstream(setting, method)}"}
+                                           "upstream": f"results/{name}/{upstream(setting, method)}",
+                                           "conditions": conditions_input(setting)}
     return jobs
+
+
+def setting_jobs(params) -> dict[str, dict]:
+    """{"<setting>": {"setting", "conditions"}} of the pipeline's settings: `pipeline.stages` for dvc.yaml."""
+    return {name: {"setting": name, "conditions": conditions_input(params.setting(name))}
+            for name in pipeline_settings(params)}
 
 
 def job_key(setting: str, method: str) -> str:

@@ -1,4 +1,4 @@
-"""The pairs stage: DD's training data, (noise sequence, token sequence, label) trajectories of the teacher.
+"""The pairs stage: DD's training data, (noise sequence, token sequence, condition) trajectories of the teacher.
 
 Each pair is made by running the teacher in its AR order with every token's categorical draw replaced
 by the deterministic flow-matching map of that token's own Gaussian noise vector
@@ -7,11 +7,13 @@ trajectory X_1 .. X_{n+1}: X_k keeps the first tokens and the original noise aft
 (noise, final tokens) is enough.
 
 Output results/<setting>/pairs/:
-    shard-00000.safetensors ...   noise (n, L, C) float32, tokens (n, L) int64, labels (n,) int64
+    shard-00000.safetensors ...   noise (n, L, C) float32, tokens (n, L) int64, labels (n,) int64: the condition
+                                  index (dd.conditions): the class label, or (text-to-image) the row of the
+                                  training caption features results/<S>/text_features/train/
     manifest.json                 setting, sizes, seeds, codebook and teacher-file hashes, flow solver,
                                   per-shard sha256 (no timings: reruns give identical bytes)
 
-Determinism. Shard i's labels (uniform over the classes) and noise come from one CPU generator seeded
+Determinism. Shard i's labels (uniform over the classes, or over the training captions) and noise come from one CPU generator seeded
 from (pairs.seed, i) alone (`shard_seed`), so any shard can be remade on its own, and the teacher runs
 in batches of pairs.batch_size inside the shard in a fixed order. On one machine and device, a rerun
 gives the same bytes.
@@ -46,6 +48,7 @@ from tqdm import tqdm
 
 from dd import hub
 from dd.atomic import exclusive_lock, write_json
+from dd.conditions import ClassConditions, conditions_for
 from dd.config import Params, Setting
 from dd.errors import StageError
 from dd.teacher import Teacher, load_teacher
@@ -70,10 +73,13 @@ def shard_seed(seed: int, index: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def shard_inputs(teacher: Teacher, seed: int, index: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (count,) uniform over the classes, then noise (count, L, C), from shard `index`'s generator."""
+def shard_inputs(teacher: Teacher, seed: int, index: int, count: int,
+                 num_conditions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (count,) uniform over the conditions (default: the teacher's classes), then noise (count, L, C),
+    from shard `index`'s generator."""
     generator = torch.Generator().manual_seed(shard_seed(seed, index))
-    labels = torch.randint(0, teacher.num_classes, (count,), generator=generator)
+    labels = torch.randint(0, teacher.num_classes if num_conditions is None else num_conditions, (count,),
+                           generator=generator)
     noise = torch.randn(count, teacher.num_tokens, teacher.token_dim, generator=generator)
     return noise, labels
 
@@ -82,10 +88,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def plan_of(setting: Setting, teacher: Teacher, device: torch.device) -> dict:
-    """Everything that decides the bytes of the shards (the manifest without its shard list)."""
+def plan_of(setting: Setting, teacher: Teacher, device: torch.device, conditions=None) -> dict:
+    """Everything that decides the bytes of the shards (the manifest without its shard list). Caption conditions
+    add their identity (class conditions add nothing: class-conditional manifests keep their bytes)."""
     p = setting.pairs
-    return {
+    identity = None if conditions is None else conditions.identity()
+    plan = {
         "format": FORMAT,
         "setting": setting.name,
         "family": setting.family,
@@ -108,6 +116,10 @@ def plan_of(setting: Setting, teacher: Teacher, device: torch.device) -> dict:
         "device": device.type,
         "torch": torch.__version__,
     }
+    if identity is not None:
+        plan["conditions"] = identity
+        plan["seed_rule"] = plan["seed_rule"].replace("randint(num_classes", "randint(conditions.count")
+    return plan
 
 
 def _resume(work: Path, plan: dict) -> dict[int, dict]:
@@ -153,13 +165,17 @@ def _publish(work: Path, final: Path) -> None:
 
 
 @torch.no_grad()
-def make_shard(teacher: Teacher, setting: Setting, index: int, count: int, progress=None) -> dict[str, torch.Tensor]:
-    """Shard `index` with `count` pairs, as CPU tensors {noise, tokens, labels}."""
-    noise, labels = shard_inputs(teacher, setting.pairs.seed, index, count)
+def make_shard(teacher: Teacher, setting: Setting, index: int, count: int, progress=None,
+               conditions=None) -> dict[str, torch.Tensor]:
+    """Shard `index` with `count` pairs, as CPU tensors {noise, tokens, labels}; conditions: dd.conditions
+    (default: the teacher's class labels)."""
+    conditions = conditions or ClassConditions(teacher.num_classes)
+    noise, labels = shard_inputs(teacher, setting.pairs.seed, index, count, conditions.count)
     tokens = torch.empty(count, teacher.num_tokens, dtype=torch.long)
     for start in range(0, count, setting.pairs.batch_size):
         stop = min(count, start + setting.pairs.batch_size)
-        tokens[start:stop] = teacher.flow_tokens(noise[start:stop], labels[start:stop], setting.flow.solver).cpu()
+        cond = conditions(labels[start:stop])
+        tokens[start:stop] = teacher.flow_tokens(noise[start:stop], cond, setting.flow.solver).cpu()
         if progress is not None:
             progress.update(stop - start)
     return {"noise": noise, "tokens": tokens, "labels": labels}
@@ -201,7 +217,8 @@ def run_pairs_stage(params: Params, setting: Setting, device: str | None = None,
     `merge_pairs` joins the parts into pairs/, byte-identical to a single run on the same device)."""
     device = torch.device(device or default_device())
     teacher = load_teacher(setting, teacher_dir(params, setting), device)
-    plan = plan_of(setting, teacher, device)
+    conditions = conditions_for(params, setting, "train")
+    plan = plan_of(setting, teacher, device, conditions)
     p = setting.pairs
     counts = [min(p.shard_size, p.num_pairs - i * p.shard_size) for i in range(plan["num_shards"])]
     if shards is None:
@@ -232,7 +249,7 @@ def run_pairs_stage(params: Params, setting: Setting, device: str | None = None,
                         continue
                     count = counts[index]
                     shard_started = time.perf_counter()
-                    shard = make_shard(teacher, setting, index, count, progress=bar)
+                    shard = make_shard(teacher, setting, index, count, progress=bar, conditions=conditions)
                     done[index] = _save_shard(work, index, shard, setting)
                     _write_manifest(work, run_plan, done, complete=False)
                     made += count

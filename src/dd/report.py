@@ -41,7 +41,7 @@ PAPER_NUMBERS = Path(__file__).resolve().parents[2] / "reports" / "paper_numbers
 TOY_ANALOGUE = {"var": "var-d16", "llamagen": "llamagen-l"}
 GRID_METHODS = ("teacher", "dd-2step", "dd-1step")  # Appendix F order: the teacher, then fewer steps
 GRID_COLUMNS = 10
-TEXT_TO_IMAGE = {"llamagen-xl-t2i"}  # Table 3 settings (LAION-COCO prompts, FID on 5k images)
+TEXT_TO_IMAGE = {"llamagen-xl-t2i", "toy-t2i"}  # Table 3 settings (paper: LAION-COCO prompts, FID on 5k images)
 
 
 class ReportError(StageError):
@@ -60,7 +60,7 @@ def setting_methods(setting: Setting) -> list[str]:
 
 def table_of(setting: Setting, method: str) -> int:
     """Which paper table a method's row belongs to: 2 = teacher-involved, 3 = text-to-image, else 1."""
-    if setting.name in TEXT_TO_IMAGE:
+    if setting.name in TEXT_TO_IMAGE or setting.text_to_image:
         return 3
     return 2 if method.startswith("pre-trained-") else 1
 
@@ -153,7 +153,8 @@ def _ratio(num, den) -> float | None:
 
 def _paper_row(paper, setting: Setting, method: str, table: int):
     """The paper row a row of ours is compared with: its own row (paper settings) or the analogue's (toy)."""
-    name = setting.name if setting.paper_row else TOY_ANALOGUE.get(setting.family, "")
+    name = setting.name if setting.paper_row else (
+        "llamagen-xl-t2i" if setting.text_to_image else TOY_ANALOGUE.get(setting.family, ""))
     for t in (table, 1, 2):  # the teacher row of Table 2 repeats Table 1's
         if (name, method, t) in paper:
             return paper[(name, method, t)]

@@ -17,7 +17,8 @@ stage). onestep: the pairs stage's token sequences (frequencies, no network); it
 teacher's tokenizer.
 
 Labels and seeds. Balanced classes (N // classes each, the first N % classes classes one more), shuffled by a
-generator seeded with sample.seed. Sample i's noise depends only on (seed, i) (dd.sampling.sample_noise); the
+generator seeded with sample.seed. Text-to-image settings: "labels" are caption rows of the evaluation prompts
+(results/<S>/text_features/eval/), sample i conditioned on row i mod (number of evaluation prompts). Sample i's noise depends only on (seed, i) (dd.sampling.sample_noise); the
 teacher's draws on (seed, first index of its batch), batches running inside each shard from the shard's start.
 
 Pixels. The [-1, 1] images become uint8 as torchvision's save_image and LlamaGen's sampler do:
@@ -54,6 +55,7 @@ MANIFEST = "manifest.json"
 FORMAT = "dd-samples/1"
 LABEL_RULE = ("labels = (arange(N) % num_classes)[randperm(N, generator=torch CPU Generator seeded with "
               "sample.seed)]")
+CAPTION_RULE = "labels = caption rows of text_features/eval: arange(N) % number of evaluation prompts"
 PIXEL_RULE = "uint8 = floor(clamp(127.5 * x + 128, 0, 255)) of images x in [-1, 1], (n, H, W, 3)"
 
 
@@ -73,6 +75,18 @@ def balanced_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tens
     """Balanced class labels (int64, N), in an order shuffled by `seed` (LABEL_RULE)."""
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
     return (torch.arange(num_samples) % num_classes)[order]
+
+
+def caption_rows(num_samples: int, count: int) -> torch.Tensor:
+    """Text-to-image: the evaluation prompt row of every sample (CAPTION_RULE)."""
+    return torch.arange(num_samples) % count
+
+
+def sample_labels(setting: Setting, conditions, num_samples: int, seed: int) -> torch.Tensor:
+    """The condition indices of the samples: balanced class labels, or caption rows."""
+    if conditions is None or conditions.kind == "class":
+        return balanced_labels(num_samples, setting.num_classes, seed)
+    return caption_rows(num_samples, conditions.count)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -104,6 +118,7 @@ class Sampler:
     images: Callable[[torch.Tensor, int], torch.Tensor]
     device: torch.device
     num_params: int | None = None  # parameters of the network that samples (student or teacher); None: onestep
+    conditions: object = None  # text-to-image: the evaluation captions (dd.conditions); None: class labels
 
 
 def load_released_student(setting: Setting, teacher_dir: Path, teacher) -> tuple[torch.nn.Module, Path]:
@@ -182,10 +197,19 @@ def build_sampler(params: Params, setting: Setting, method_name: str, device: st
     from dd.teacher import load_teacher
     from dd.teacher_stage import teacher_dir
 
+    from dd.conditions import conditions_for, random_captions
+
     method = get_method(setting, method_name)
     device = torch.device(device or default_device())
     teacher = _random_teacher(setting, device) if random_weights else \
         load_teacher(setting, teacher_dir(params, setting), device)
+    conditions = None
+    if setting.text_to_image:
+        conditions = random_captions(setting) if random_weights else conditions_for(params, setting, "eval")
+
+    def condition(labels):
+        return labels if conditions is None else conditions(labels)
+
     files = dict(teacher.files)
     seed = setting.sample.seed
     units = teacher.num_steps
@@ -199,11 +223,12 @@ def build_sampler(params: Params, setting: Setting, method_name: str, device: st
 
         def images(labels, first_index):
             generator = sampling.teacher_generator(teacher.device, seed, first_index)
-            tokens = teacher.sample_tokens(labels.to(teacher.device), generator=generator, num_steps=num_steps)
+            tokens = teacher.sample_tokens(condition(labels.to(teacher.device)), generator=generator,
+                                           num_steps=num_steps)
             return teacher.decode_prefix(tokens)
 
         return Sampler(method, method.steps(units), "random" if random_weights else "teacher", files, images, device,
-                       teacher_params)
+                       teacher_params, conditions)
 
     if isinstance(method, OneStepMethod):
         table, manifest = _frequencies(params, setting, teacher, random_weights)
@@ -228,10 +253,10 @@ def build_sampler(params: Params, setting: Setting, method_name: str, device: st
 
     def images(labels, first_index):
         return torch.cat([x for _, x in sampling.sample_batches(ops, method, labels, seed, labels.shape[0], teacher,
-                                                                first_index=first_index)])
+                                                                first_index=first_index, conditions=conditions)])
 
     return Sampler(method, method.steps(units), source, files, images, device,
-                   sum(p.numel() for p in student.parameters()))
+                   sum(p.numel() for p in student.parameters()), conditions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +325,7 @@ def plan_of(setting: Setting, sampler: Sampler, device: torch.device) -> dict:
     """Everything that decides the bytes of the shards: the manifest without its shard list."""
     s = setting.sample
     method = sampler.method
-    return {
+    plan = {
         "format": FORMAT,
         "setting": setting.name,
         "method": method.name,
@@ -323,6 +348,10 @@ def plan_of(setting: Setting, sampler: Sampler, device: torch.device) -> dict:
         "device": device.type,
         "torch": torch.__version__,
     }
+    if sampler.conditions is not None:  # text-to-image (class-conditional plans keep their bytes)
+        plan["label_rule"] = CAPTION_RULE
+        plan["conditions"] = sampler.conditions.identity()
+    return plan
 
 
 def _resume(work: Path, plan: dict) -> dict[int, dict]:
@@ -405,7 +434,7 @@ def run_sample_stage(params: Params, setting: Setting, method_name: str, device:
     sampler = build_sampler(params, setting, method_name, device)
     plan = plan_of(setting, sampler, device)
     s = setting.sample
-    labels = balanced_labels(s.num_samples, setting.num_classes, s.seed)
+    labels = sample_labels(setting, sampler.conditions, s.num_samples, s.seed)
     counts = [min(s.shard_size, s.num_samples - i * s.shard_size) for i in range(plan["num_shards"])]
     final = samples_dir(params, setting, method_name)
     work = final.with_name(final.name + ".partial")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from dd.models.dd_llamagen import LlamaGenDD
 from dd.models.dd_var import VARDD
-from dd.teacher import Teacher
+from dd.teacher import Captions, Teacher
 # The named methods (table order) live in dd.methods, torch-free, so that config.py and the Snakefile can list them.
 from dd.methods import (TABLE2, Method, OneStepMethod, TeacherMethod, all_methods, method_names,  # noqa: F401
                         methods_for, pretrained_name)
@@ -137,6 +137,8 @@ class VarStudentOps(StudentOps):
 
 
 class LlamaGenStudentOps(StudentOps):
+    """Labels (c2i) or dd.teacher.Captions (t2i: features + mask) as the condition."""
+
     family = "llamagen"
 
     @property
@@ -151,9 +153,13 @@ class LlamaGenStudentOps(StudentOps):
         return int(t)
 
     def forward(self, x_t, labels, t, net=None):
+        if isinstance(labels, Captions):
+            return (net or self.model)(x_t, labels.features, t, labels.mask)
         return (net or self.model)(x_t, labels, t)
 
     def final_predict(self, x_t, labels, t):
+        if isinstance(labels, Captions):
+            return self.model.final_predict(x_t, labels.features, t, labels.mask)
         return self.model.final_predict(x_t, labels, t)
 
 
@@ -234,11 +240,12 @@ def teacher_generator(device, seed: int, first_index: int) -> torch.Generator:
 @torch.no_grad()
 def sample_batches(student: StudentOps, method: Method, labels: torch.Tensor, seed: int, batch_size: int,
                    teacher: Teacher | None = None, decode: bool = True,
-                   first_index: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+                   first_index: int = 0, conditions=None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (first index, images (B, 3, H, W) in [-1, 1]) — or the sequences (B, L, C) with decode=False —
     for all labels, batch by batch. Deterministic given (seed, labels, batch_size, first_index). `labels` are
     those of samples first_index, first_index + 1, ... (a slice of a larger run: the sample stage's shards);
-    the yielded indices count from first_index."""
+    the yielded indices count from first_index. conditions: turns `labels` (then condition indices, e.g. caption
+    rows) into the condition (dd.conditions); default: they are class labels."""
     if batch_size < 1:
         raise ValueError(f"sample_batches: batch_size must be >= 1, got {batch_size}")
     if decode and teacher is None:
@@ -246,6 +253,8 @@ def sample_batches(student: StudentOps, method: Method, labels: torch.Tensor, se
     for offset in range(0, labels.shape[0], batch_size):
         batch_labels = labels[offset:offset + batch_size].to(student.device)
         start = first_index + offset
+        if conditions is not None:
+            batch_labels = conditions(batch_labels).to(student.device)
         noise = sample_noise(student, range(start, start + batch_labels.shape[0]), seed)
         generator = None
         if method.teacher_start is not None:

@@ -45,6 +45,7 @@ from dd.models.llamagen import LlamaGenGPT, generate
 from dd.models.llamagen_vq import VQModel
 from dd.models.var import VAR
 from dd.models.var_vqvae import VQVAE
+from dd.teacher import Captions
 from dd.tracking import stage_run
 
 if TYPE_CHECKING:
@@ -98,15 +99,20 @@ class LlamaGenToy:
         return self.tokenizer.decode(self.tokenizer.encode(images)[0]).clamp(-1, 1)
 
     def teacher_loss(self, batch: dict, labels):
+        """labels: class labels, or (toy-t2i) dd.teacher.Captions (caption dropout inside the model's train mode)."""
+        if isinstance(labels, Captions):
+            return self.teacher.train_loss(batch["tokens"], labels.features, labels.mask)
         return self.teacher.train_loss(batch["tokens"], labels)
 
     @torch.no_grad()
     def sample(self, labels, sampling, generator):
         c = self.teacher.config
-        tokens = generate(self.teacher, labels, c.block_size, cfg_scale=sampling.cfg,
+        captions = isinstance(labels, Captions)
+        tokens = generate(self.teacher, labels.features if captions else labels, c.block_size, cfg_scale=sampling.cfg,
                           cfg_interval=sampling.cfg_interval, temperature=sampling.temperature,
-                          top_k=sampling.top_k, top_p=sampling.top_p, generator=generator)
-        shape = (labels.shape[0], self.tokenizer.config.codebook_embed_dim, c.grid_size, c.grid_size)
+                          top_k=sampling.top_k, top_p=sampling.top_p, generator=generator,
+                          caption_mask=labels.mask if captions else None)
+        shape = (len(labels), self.tokenizer.config.codebook_embed_dim, c.grid_size, c.grid_size)
         return self.tokenizer.decode_code(tokens, shape).clamp(-1, 1)
 
 
@@ -317,11 +323,12 @@ def distribution_metrics(classifier, samples, labels, train_x, test_x, test_y) -
 def gate_table(name: str, values: dict, gates) -> tuple[str, list]:
     rows, failed = [], []
     checks = [(key, ">=") for key in ("classifier_accuracy", "reconstruction_accuracy", "sample_accuracy",
-                                      "sample_diversity")] + [("sample_fid_ratio", "<=")]
+                                      "sample_diversity", "caption_agreement")] + [("sample_fid_ratio", "<=")]
     for key, sense in checks:
-        value, threshold = values[key], getattr(gates, key)
+        threshold = getattr(gates, key)
         if not threshold:
             continue  # 0 = not checked
+        value = values[key]
         ok = value >= threshold if sense == ">=" else value <= threshold
         if not ok:
             failed.append(f"{key} {value:.4f} {'<' if sense == '>=' else '>'} {threshold:.4f}")
@@ -355,6 +362,37 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def caption_conditions(params: Params, setting: Setting) -> dict | None:
+    """toy-t2i: the text-features stage's captions of the train digits (row i = train digit i) and of the test digits,
+    as Captions, with the digit classes and attribute bins of the evaluation captions; None for class conditions."""
+    if not setting.text_to_image:
+        return None
+    from dd.conditions import conditions_for
+    from dd.prompts import read_prompts, text_features_dir
+    from dd.toy_captions import AttributeBins
+
+    prompts = read_prompts(text_features_dir(params, setting), setting)
+    if setting.prompts.source != "toy-digits":
+        raise StageError(f"settings.{setting.name}: a toy teacher trains on the toy digits' captions; set "
+                         f"prompts.source: toy-digits")
+    train, evaluation = conditions_for(params, setting, "train"), conditions_for(params, setting, "eval")
+    return {"train": train(torch.arange(train.count)), "eval": evaluation,
+            "bins": AttributeBins(**{k: tuple(v) for k, v in prompts["attribute_bins"].items()}),
+            "eval_attributes": {k: torch.tensor(v) for k, v in prompts["eval"]["attributes"].items()}}
+
+
+@torch.no_grad()
+def caption_agreement(samples, rows, captions: dict) -> dict:
+    """Share of samples whose measured attribute bins (dd.toy_captions, no network) equal their caption's, per
+    attribute (chance 1/3) and all three at once (chance 1/27)."""
+    measured = captions["bins"].bins(samples)
+    agree = {name: measured[name] == captions["eval_attributes"][name][rows] for name in measured}
+    result = {f"caption_{name}_agreement": value.float().mean().item() for name, value in agree.items()}
+    result["caption_agreement"] = float(np.mean(list(result.values())))
+    result["caption_all_agreement"] = torch.stack(list(agree.values())).all(0).float().mean().item()
+    return result
+
+
 def train_toy_teacher(params: Params, setting: Setting, final_dir: Path) -> Path:
     """Train classifier, tokenizer and AR teacher of a toy setting into `final_dir`; returns it."""
     teacher = setting.teacher
@@ -371,14 +409,17 @@ def train_toy_teacher(params: Params, setting: Setting, final_dir: Path) -> Path
     try:
         with stage_run(params, setting, "teacher", {"teacher.threads": torch.get_num_threads()}) as mlflow:
             with atomic_dir(final_dir) as out:
-                _train_into(out, mlflow, setting, tok_kwargs, model_kwargs)
+                _train_into(out, mlflow, setting, tok_kwargs, model_kwargs, caption_conditions(params, setting))
             mlflow.log_artifact(str(final_dir / "teacher.json"))
     finally:
         torch.set_num_threads(threads_before)
     return final_dir
 
 
-def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwargs: dict) -> None:
+def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwargs: dict,
+                captions: dict | None = None) -> None:
+    """captions (toy-t2i, caption_conditions): the AR teacher learns each train digit from its caption instead of
+    its class label; its gate samples are conditioned on the evaluation captions, their digit is the class."""
     train, gates, sampling = setting.teacher.train, setting.teacher.gates, setting.teacher_sampling
     name = setting.name
     timings, metrics = {}, {}
@@ -432,16 +473,28 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
     reconstruction_grid(test_x, reconstructions, test_y).save(out / FILES["reconstructions"])
     t = timed("tokenize", t)
 
-    metrics.update(train_teacher(toy, train_tokens, train_y, train.teacher_epochs, train.teacher_lr,
+    condition = train_y if captions is None else captions["train"]
+    metrics.update(train_teacher(toy, train_tokens, condition, train.teacher_epochs, train.teacher_lr,
                                  train.teacher_batch_size, generator, log, name))
-    metrics["teacher.test_loss"] = teacher_test_loss(toy, test_tokens, test_y)
+    # toy-t2i: evaluation prompt i is the caption of test digit i
+    metrics["teacher.test_loss"] = teacher_test_loss(
+        toy, test_tokens, test_y if captions is None else captions["eval"](torch.arange(len(test_y))))
     _save_module(ar_model, out / FILES["teacher"])
     t = timed("teacher", t)
 
     # 4. sample gate: balanced labels, fixed seed
     labels = torch.arange(gates.num_samples) % setting.num_classes
     sample_generator = torch.Generator().manual_seed(train.seed)
-    samples = torch.cat([toy.sample(chunk, sampling, sample_generator) for chunk in labels.split(SAMPLE_BATCH)])
+    if captions is None:
+        samples = torch.cat([toy.sample(chunk, sampling, sample_generator) for chunk in labels.split(SAMPLE_BATCH)])
+    else:  # evaluation captions spread over the set (it is sorted by digit); the class is each caption's digit
+        from dd.conditions import spread
+
+        rows = spread(captions["eval"].count, gates.num_samples)
+        labels = captions["eval"].classes(rows)
+        samples = torch.cat([toy.sample(captions["eval"](chunk), sampling, sample_generator)
+                             for chunk in rows.split(SAMPLE_BATCH)])
+        metrics.update(caption_agreement(samples, rows, captions))
     metrics["sample_accuracy"] = (data.classify(classifier, samples) == labels).float().mean().item()
     metrics.update(distribution_metrics(classifier, samples, labels, train_x, test_x, test_y))
     samples_grid(samples, labels).save(out / FILES["samples"])
@@ -453,6 +506,10 @@ def _train_into(out: Path, mlflow, setting: Setting, tok_kwargs: dict, model_kwa
         mlflow.log_artifact(str(out / FILES[key]))
     table, failed = gate_table(name, metrics, gates)
     print(table, flush=True)
+    if captions is not None:
+        print(f"[teacher] {name}: samples' attributes agree with their captions: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("caption_")) + " (chance 0.333, all 0.037)",
+            flush=True)
     print(f"[teacher] {name}: codebook usage {metrics['tokenizer.codebook_usage']:.3f}, "
           f"teacher test loss {metrics['teacher.test_loss']:.3f}, "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
@@ -478,21 +535,30 @@ TOY_DD1_GATE = 0.85  # toy result asked of DD 1-step samples (share classified a
 
 
 @torch.no_grad()
-def toy_gate(ema, teacher: Teacher, setting: Setting, classifier) -> dict:
+def toy_gate(ema, teacher: Teacher, setting: Setting, classifier, conditions=None) -> dict:
     """DD 1-step (and 2-step) samples of the toy student, judged by the digit classifier: the share assigned to
     their conditioning class (balanced labels, as many as the teacher's gate drew, the setting's sample seed).
+    conditions (toy-t2i): the evaluation captions (dd.conditions), rows spread over the set (sorted by digit); their
+    digit is the class.
     Run by the distill stage (and dd.ablation) on the student it trained."""
     from dd import sampling
 
     ops = sampling.student_ops(ema)
     cfg = setting.distill
     n = setting.teacher.gates.num_samples if setting.teacher.gates else setting.sample.num_samples
-    labels = torch.arange(n) % setting.num_classes
+    if conditions is None:
+        labels = classes = torch.arange(n) % setting.num_classes
+    else:
+        from dd.conditions import spread
+
+        labels = spread(conditions.count, n)
+        classes = conditions.classes(labels)
     result = {}
     for name, method in sampling.methods_for(setting.name, cfg.t_list, cfg.split).items():
         if method.teacher_start is not None:
             continue
         images = torch.cat([x.cpu() for _, x in sampling.sample_batches(ops, method, labels, setting.sample.seed,
-                                                                        setting.sample.batch_size, teacher)])
-        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, labels)
+                                                                        setting.sample.batch_size, teacher,
+                                                                        conditions=conditions)])
+        result[f"{name}.class_accuracy"] = sampling.class_accuracy(classifier, images, classes)
     return result

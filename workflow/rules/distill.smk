@@ -16,6 +16,7 @@ rule distill:
     input:
         teacher="results/{setting}/teacher",
         pairs="results/{setting}/pairs",
+        conditions=conditions,
         code=CODE["distill"],
     output:
         directory("results/{setting}/student"),

@@ -31,6 +31,7 @@ if PAIRS_JOBS > 1:
     rule pairs_part:
         input:
             "results/{setting}/teacher",
+            conditions=conditions,
             code=CODE["pairs"],
         output:
             temp(directory("results/{setting}/pairs.parts/shards-{start}-{stop}")),
@@ -67,6 +68,7 @@ else:
     rule pairs:
         input:
             "results/{setting}/teacher",
+            conditions=conditions,
             code=CODE["pairs"],
         output:
             directory("results/{setting}/pairs"),

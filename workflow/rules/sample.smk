@@ -12,7 +12,8 @@ def method_inputs(wildcards):
     """teacher folder + the method's upstream folder + the stage's code (the same deps as dvc.yaml)."""
     setting = PARAMS.setting(wildcards.setting)
     return {"teacher": f"results/{wildcards.setting}/teacher",
-            "upstream": f"results/{wildcards.setting}/{method_upstream(setting, wildcards.method)}"}
+            "upstream": f"results/{wildcards.setting}/{method_upstream(setting, wildcards.method)}",
+            "conditions": conditions_input(setting)}
 
 
 def gpus(wildcards):

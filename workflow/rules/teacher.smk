@@ -1,6 +1,7 @@
 # Teacher stage: download the official checkpoints (paper rows) or train the toy teacher.
 rule teacher:
     input:
+        conditions=conditions,
         code=CODE["teacher"],
     output:
         directory("results/{setting}/teacher"),
