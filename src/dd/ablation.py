@@ -33,7 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dd.atomic import atomic_dir, atomic_file, write_json
+from dd.atomic import atomic_file, publish_dir, write_json
 from dd.config import ConfigError, Params, Setting, load_params
 from dd.errors import StageError
 
@@ -43,6 +43,7 @@ LOSS_VARIANTS = {"ce": {"ce": 1.0, "perceptual": 0.0, "mse": 0.0},
 LENGTH_FRACTIONS = (4, 2)  # the recipe run is also judged at max_steps / 4 and max_steps / 2 (Fig. 7)
 PAIR_FRACTIONS = (4, 2)  # pairs=N variants: the first num_pairs / 4 and num_pairs / 2 pairs (Fig. 8)
 METHODS = ("dd-1step", "dd-2step")
+JUDGED = ("fid", "precision", "recall", "class_accuracy", "diversity")  # the metrics a row keeps
 RESULT = Path("results") / "ablation"  # results/ablation/<S>/
 REPORT = Path("reports") / "toy_ablation"
 
@@ -130,7 +131,7 @@ def judge_student(student, teacher, setting: Setting, reference: dict) -> dict:
             images = torch.cat([to_uint8(x) for _, x in sampling.sample_batches(
                 ops, methods[name], labels, sample.seed, sample.batch_size, teacher)])
             metrics = toy_metrics(reference, images, labels)
-            out[name] = {k: metrics[k] for k in ("fid", "precision", "recall", "class_accuracy", "diversity")}
+            out[name] = {k: metrics[k] for k in JUDGED}
     return out
 
 
@@ -230,21 +231,18 @@ def run_ablation_stage(params: Params, setting: Setting) -> Path:
         one, two = record["metrics"]["dd-1step"], record["metrics"]["dd-2step"]
         print(f"[ablation] {setting.name} {name}: dd-1step FID {one['fid']:.3g} recall {one['recall']:.3f}, "
               f"dd-2step FID {two['fid']:.3g} ({record['seconds']:.0f}s)", flush=True)
-    with atomic_dir(final) as out:
-        for path in work.glob("*.json"):
-            shutil.copy2(path, out / path.name)
-        write_json(out / "index.json", {"setting": setting.name, "variants": rows,
-                                        "teacher": _judge_part(reference_metrics["teacher"]),
-                                        "onestep": _judge_part(reference_metrics.get("onestep")),
-                                        "fid_floor": reference["fid_floor"]})
-    shutil.rmtree(work, ignore_errors=True)
+    write_json(work / "index.json", {"setting": setting.name, "variants": rows,
+                                     "teacher": _judge_part(reference_metrics["teacher"]),
+                                     "onestep": _judge_part(reference_metrics.get("onestep")),
+                                     "fid_floor": reference["fid_floor"]})
+    publish_dir(work, final)
     return final
 
 
 def _judge_part(metrics: dict | None) -> dict | None:
     if metrics is None:
         return None
-    return {k: metrics[k] for k in ("fid", "precision", "recall", "class_accuracy", "diversity")}
+    return {k: metrics[k] for k in JUDGED}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,19 @@ def _tmp_name(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
 
 
+def publish_dir(work: Path | str, final: Path | str) -> None:
+    """Rename a finished work folder (<stage>.partial) to `final`; an older `final` is moved aside first and removed
+    after, so `final` is never half old, half new."""
+    work, final = Path(work), Path(final)
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str):
     """Yield a fresh temporary directory next to `final`; on success it replaces `final`.

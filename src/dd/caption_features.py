@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dd import hub
-from dd.atomic import write_json
+from dd.atomic import publish_dir, write_json
 from dd.errors import StageError
 
 FORMAT = "dd-caption-features/1"
@@ -110,13 +109,7 @@ def write_caption_features(encoder, captions: list[str], folder: Path | str, sha
             _write_manifest(work, plan, done, complete=False)
     write_json(work / CAPTIONS, captions)
     _write_manifest(work, plan, done, complete=True)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(work, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, folder)
+    publish_dir(work, folder)
     return folder
 
 

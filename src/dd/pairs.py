@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dd import hub
-from dd.atomic import exclusive_lock, write_json
+from dd.atomic import exclusive_lock, publish_dir, write_json
 from dd.conditions import ClassConditions, conditions_for
 from dd.config import Params, Setting
 from dd.errors import StageError
@@ -153,15 +153,6 @@ def _write_manifest(work: Path, plan: dict, done: dict[int, dict], complete: boo
     return manifest
 
 
-def _publish(work: Path, final: Path) -> None:
-    """Rename the finished work folder to `final` (an older `final` is moved aside, then removed)."""
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(work, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, final)
 
 
 @torch.no_grad()
@@ -258,7 +249,7 @@ def run_pairs_stage(params: Params, setting: Setting, device: str | None = None,
                                        step=index)
             seconds = time.perf_counter() - started
             _write_manifest(work, run_plan, done, complete=True)
-        _publish(work, final)
+        publish_dir(work, final)
         mlflow.log_metrics({"pairs.total": total, "pairs.made_this_run": made, "pairs.resumed": resumed,
                             "pairs.seconds": seconds, "pairs.pairs_per_s": made / seconds if made else 0.0})
         mlflow.log_artifact(str(final / MANIFEST))

@@ -28,14 +28,12 @@ artifact, fetched into checkpoints/flan-t5-xl/; offline, the error names every f
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
-from dd.atomic import write_json
+from dd.atomic import publish_dir, write_json
 from dd.caption_features import captions_sha256, write_caption_features
 from dd.config import Params, Setting
 from dd.errors import StageError
@@ -135,13 +133,7 @@ def run_text_features_stage(params: Params, setting: Setting, device: str | None
                                    batch_size=p.batch_size, dtype=p.dtype, encoder_id=encoder_id)
         write_json(work / PROMPTS, {"format": FORMAT, "setting": setting.name, "encoder": encoder_id,
                                     "max_length": p.max_length, **prompts})
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        publish_dir(work, final)
         counts = {f"prompts.{split}": len(prompts[split]["captions"]) for split in ("train", "eval")}
         mlflow.log_metrics(counts)
         mlflow.log_text("\n".join(prompts["eval"]["captions"][:200]), "eval_prompts_head.txt")

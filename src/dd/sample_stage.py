@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dd import hub, sampling
-from dd.atomic import exclusive_lock, write_json
+from dd.atomic import exclusive_lock, publish_dir, write_json
 from dd.config import ConfigError, Params, Setting
 from dd.errors import StageError
 from dd.methods import Method, OneStepMethod, TeacherMethod, all_methods
@@ -395,14 +394,6 @@ def _save_shard(work: Path, index: int, images: torch.Tensor, labels: torch.Tens
     return {"index": index, "file": final.name, "count": int(labels.shape[0]), "sha256": sha}
 
 
-def _publish(work: Path, final: Path) -> None:
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(work, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, final)
 
 
 @torch.no_grad()
@@ -464,7 +455,7 @@ def run_sample_stage(params: Params, setting: Setting, method_name: str, device:
                                         "sample.done": resumed + made}, step=index)
             seconds = time.perf_counter() - started
             _write_manifest(work, plan, done, complete=True)
-        _publish(work, final)
+        publish_dir(work, final)
         mlflow.log_metrics({"sample.total": s.num_samples, "sample.made_this_run": made, "sample.resumed": resumed,
                             "sample.seconds": seconds, "sample.images_per_s": made / seconds if made else 0.0,
                             "sample.steps": sampler.steps})
