@@ -25,7 +25,7 @@ reproduce: setup
 	snakemake --cores all reproduce_table1 reproduce_figures
 
 test: setup
-	python -m pytest -q
+	python -m pytest -q --durations=15
 
 clean-results:
 	rm -rf results .snakemake mlflow.db mlruns
