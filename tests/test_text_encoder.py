@@ -2,12 +2,15 @@
 artifact in dd.hub. Offline: a tiny randomly initialised T5 encoder and a word-level tokenizer built here."""
 import dd  # noqa: F401  (torchvision shim first)
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from dd import hub
+from dd.errors import StageError
 from dd.hub import HubError, fetch_folder
 from dd.text_encoder import T5CaptionEncoder, left_pad_captions
 
@@ -140,8 +143,31 @@ def test_caption_features_are_cached_in_shards_and_read_back(tmp_path):
     features, got_mask = cache.rows([4, 0, 3])
     torch.testing.assert_close(features, expected[[4, 0, 3]], atol=1e-6, rtol=1e-5)
     assert torch.equal(got_mask.long(), mask[[4, 0, 3]].long())
+    assert cache.rows([])[0].shape == (0, *expected.shape[1:])
+
+
+def test_caption_features_verify_each_shard_when_first_read(tmp_path, monkeypatch):
+    """The reader is lazy (the paper's 20k training prompts are ~20 GB of features): opening checks the folder,
+    a shard is hashed the first time one of its rows is read, and a damaged shard is refused then."""
+    from dd import hub
+    from dd.caption_features import CaptionFeatures, write_caption_features
+
+    captions = CAPTIONS + ["a large digit zero", "one"]
+    folder = write_caption_features(tiny_encoder(), captions, tmp_path / "features", shard_size=2, batch_size=2)
     (folder / "shard-00001.safetensors").write_bytes(b"damaged")
-    with pytest.raises(Exception, match="sha256"):
+    hashed = []
+    real_sha = hub.sha256_of
+    monkeypatch.setattr(hub, "sha256_of", lambda path: (hashed.append(Path(path).name), real_sha(path))[1])
+    cache = CaptionFeatures(folder)
+    assert hashed == []
+    cache.rows([0, 1, 4])
+    assert hashed == ["shard-00000.safetensors", "shard-00002.safetensors"]  # once each, shard 1 never read
+    cache.rows([1, 0])
+    assert len(hashed) == 2
+    with pytest.raises(StageError, match="shard-00001.safetensors.*sha256"):
+        cache.rows([2])
+    (folder / "shard-00002.safetensors").unlink()
+    with pytest.raises(StageError, match="shard-00002.safetensors: missing"):
         CaptionFeatures(folder)
 
 

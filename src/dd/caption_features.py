@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dd import hub
@@ -116,7 +117,10 @@ def write_caption_features(encoder, captions: list[str], folder: Path | str, sha
 class CaptionFeatures:
     """Read side of the cache: `len`, `captions`, and `rows(indices) -> (features (n, T, D), mask (n, T))`.
 
-    Opening checks that the folder is complete and every shard matches its recorded sha256."""
+    Lazy: a shard is memory-mapped (safetensors safe_open) and only the rows asked for are read, because the
+    paper's 20k training prompts are ~20 GB of float32 flan-t5-xl features, more than a stage should hold in
+    memory. Opening checks that the folder is complete and every shard file is there; a shard's sha256 is checked
+    the first time one of its rows is read, so a stage that reads a few rows does not hash the whole folder."""
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
@@ -129,23 +133,48 @@ class CaptionFeatures:
         self.captions = json.loads((self.folder / CAPTIONS).read_text())
         if captions_sha256(self.captions) != self.manifest["captions_sha256"]:
             raise StageError(f"{self.folder / CAPTIONS}: does not match the manifest's captions_sha256; encode again")
-        self.shards = []
-        for entry in self.manifest["shards"]:
-            path = self.folder / entry["file"]
-            if not path.is_file() or hub.sha256_of(path) != entry["sha256"]:
-                raise StageError(f"{path}: missing or does not match its sha256 in {MANIFEST}; encode the captions again")
-            self.shards.append(load_file(path))
-        if sum(s["mask"].shape[0] for s in self.shards) != len(self.captions):
+        self._entries = sorted(self.manifest["shards"], key=lambda entry: entry["index"])
+        size = self.manifest["shard_size"]
+        for position, entry in enumerate(self._entries):
+            expected = min(size, len(self.captions) - position * size)
+            if entry["index"] != position or entry["count"] != expected:
+                raise StageError(f"{manifest_path}: shard {position} should hold {expected} rows, the manifest "
+                                 f"records {entry}; encode the captions again")
+            if not (self.folder / entry["file"]).is_file():
+                raise StageError(f"{self.folder / entry['file']}: missing; encode the captions again")
+        if sum(entry["count"] for entry in self._entries) != len(self.captions):
             raise StageError(f"{self.folder}: the shards hold another number of rows than {len(self.captions)} captions")
+        self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def _shard(self, index: int):
+        """The memory-mapped shard `index`, verified against its sha256 the first time it is used."""
+        if index not in self._open:
+            entry = self._entries[index]
+            path = self.folder / entry["file"]
+            if not path.is_file() or hub.sha256_of(path) != entry["sha256"]:
+                raise StageError(f"{path}: missing or does not match its sha256 in {MANIFEST}; encode the captions again")
+            handle = safe_open(str(path), framework="pt")
+            shape = handle.get_slice("mask").get_shape()
+            if shape[0] != entry["count"] or shape[1] != self.manifest["length"]:
+                raise StageError(f"{path}: mask of shape {shape}, the manifest says {entry['count']} rows of "
+                                 f"{self.manifest['length']} tokens; encode the captions again")
+            self._open[index] = handle
+        return self._open[index]
 
     def rows(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             raise IndexError(f"caption rows must lie in [0, {len(self) - 1}]")
         size = self.manifest["shard_size"]
-        features = torch.stack([self.shards[i // size]["features"][i % size] for i in indices.tolist()])
-        mask = torch.stack([self.shards[i // size]["mask"][i % size] for i in indices.tolist()])
-        return features, mask
+        features, masks = [], []
+        for i in indices.tolist():
+            shard, row = self._shard(i // size), i % size
+            features.append(shard.get_slice("features")[row:row + 1])
+            masks.append(shard.get_slice("mask")[row:row + 1])
+        if not features:
+            return (torch.empty(0, self.manifest["length"], self.manifest["feature_dim"], dtype=DTYPES[self.manifest["dtype"]]),
+                    torch.empty(0, self.manifest["length"], dtype=torch.int8))
+        return torch.cat(features), torch.cat(masks)
