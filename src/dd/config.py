@@ -151,6 +151,9 @@ class Sample:
     # text-to-image paper rows: a folder of reference images (relative to params.yaml); FID is computed against the
     # statistics of their Inception features (as clean-fid's custom statistics), cached by the folder's content
     fid_reference: Optional[str] = None
+    # text-to-image paper rows: the CLIP model of the CLIP score beside the FID (dd.clip_score), a hub folder artifact
+    # in CLIP_MODELS; null = no CLIP score. Not for toy settings (toy-t2i's captions are judged by dd.toy_captions).
+    clip_model: Optional[str] = None
 
     def student_source(self, dd_artifact: Optional[str]) -> str:
         return self.student or ("released" if dd_artifact else "distilled")
@@ -517,6 +520,9 @@ def _validate_prompts(s: Setting, file: Path):
              "float32, bfloat16 or float16")
 
 
+CLIP_MODELS = ("clip-vit-large-patch14",)  # dd.hub folder artifacts a CLIP score can use (sample.clip_model)
+
+
 def _validate_sample(s: Setting, file: Path):
     from dd.methods import num_units_of
 
@@ -535,6 +541,13 @@ def _validate_sample(s: Setting, file: Path):
     if s.sample.student == "released" and not s.teacher.dd_artifact:
         raise ConfigError(f"{file}: key '{where}.student' is 'released' but settings.{s.name}.teacher.dd_artifact is "
                           f"not set (no released DD checkpoint); use 'distilled'")
+    clip = s.sample.clip_model
+    if clip is not None and not (s.paper_row and s.text_to_image):
+        raise ConfigError(f"{file}: key '{where}.clip_model' is for text-to-image paper rows (the CLIP score beside "
+                          f"Table 3's FID); remove it from setting '{s.name}'")
+    if clip is not None and clip not in CLIP_MODELS:
+        raise ConfigError(f"{file}: key '{where}.clip_model' must be one of {', '.join(CLIP_MODELS)} or null "
+                          f"(no CLIP score) (got {clip!r})")
 
 
 def load_params(path: Path | str = "params.yaml", check_methods: bool = True) -> Params:

@@ -19,6 +19,10 @@ Paper rows (reference/dd-paper.md §2), as the official evaluation computes them
     (x - 128) / 128), its weights are pytorch-fid's port of them (the FID path keeps pytorch-fid's own resize).
     The same network and path embed the samples and the reference batch.
 
+Text-to-image paper rows (Table 3): FID against the statistics of a folder of reference images (sample.fid_reference)
+and IS as above, no precision/recall; and the CLIP score of each sample against its evaluation caption (dd.clip_score,
+sample.clip_model; null: none).
+
 Toy rows: the same formulas in the feature space of the toy judge (dd.judge; trained in the teacher stage, used by
 no training step), reference = the 1000 held-out test digits; beside them the real-vs-real floor (the train
 digits against the test digits, same judge, as many train digits as samples), class accuracy under the judge, and
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd import hub
+from dd import clip_score, hub
 from dd.atomic import atomic_file, write_json
 from dd.config import Params, Setting
 from dd.errors import StageError
@@ -461,12 +465,18 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
 
     folder, manifest = method_samples(params, setting, method)  # a missing input fails before MLflow opens a run
     n_samples = int(manifest["num_samples"])
+    clip = None
+    if setting.paper_row and setting.text_to_image:  # the CLIP model and captions, checked before any work
+        clip = clip_score.prepare(params, setting, manifest)
     with stage_run(params, setting, f"evaluate/{method}", {"evaluate.method": method}) as mlflow:
         print(f"[evaluate] {setting.name}/{method}: {n_samples} samples, {manifest.get('steps')} steps", flush=True)
         if setting.paper_row:
             shards = (images for images, _ in iter_sample_shards(folder))
             values = (text_to_image_metrics(params, setting, shards, n_samples, device) if setting.text_to_image
                       else paper_metrics(params, shards, n_samples, device))
+            if setting.text_to_image:  # a second pass over the shards: one shard in memory at a time, as above
+                values.update(clip_score.clip_metrics(clip, iter_sample_shards(folder), n_samples, device) if clip
+                              else {"clip_score": None, "clip_model": None})
         else:
             images, labels = read_samples(folder)
             agreement = {}
@@ -496,8 +506,9 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
         mlflow.log_artifact(str(out))
     print(f"[evaluate] {setting.name}/{method}: " + ", ".join(
-        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "class_accuracy", "caption_agreement",
-                                          "diversity", "fid_floor", "latency_s") if isinstance(record.get(k), float)), flush=True)
+        f"{k} {record[k]:.4g}" for k in ("fid", "is", "precision", "recall", "clip_score", "class_accuracy",
+                                          "caption_agreement", "diversity", "fid_floor", "latency_s")
+        if isinstance(record.get(k), float)), flush=True)
     return out
 
 

@@ -22,7 +22,8 @@ repaired: the error names the file and says to delete it (and its sidecar) and f
 Loading uses torch.load(weights_only=True): tensors, plain containers and a short allowlist of
 data-only classes (argparse.Namespace, numpy arrays) -- never arbitrary pickled code.
 
-Folders. A model that `transformers` reads from a folder of several files (the flan-t5-xl text encoder)
+Folders. A model that `transformers` reads from a folder of several files (the flan-t5-xl text encoder, the
+CLIP model of the CLIP score)
 is one artifact per file (each verified and hand-placeable as above, layout 'hf_folder') plus an entry in
 FOLDERS; `fetch_folder(name, dest_dir)` fetches every file into dest_dir/<name>/ and returns that folder,
 which `from_pretrained(..., local_files_only=True)` then reads.
@@ -129,9 +130,10 @@ def _registry(*artifacts: Artifact) -> dict[str, Artifact]:
     return {a.name: a for a in artifacts}
 
 
-def _folder_artifacts(folder: str, repo_id: str, filenames: tuple[str, ...], description: str) -> list[Artifact]:
+def _folder_artifacts(folder: str, repo_id: str, filenames: tuple[str, ...], description: str,
+                      kind: str = "text_encoder") -> list[Artifact]:
     """One artifact '<folder>:<file>' per file of a Hugging Face model folder (see FOLDERS)."""
-    return [Artifact(name=f"{folder}:{filename}", repo_id=repo_id, filename=filename, kind="text_encoder",
+    return [Artifact(name=f"{folder}:{filename}", repo_id=repo_id, filename=filename, kind=kind,
                      load_layout="hf_folder", description=f"{description} File {filename} of folder {folder}.")
             for filename in filenames]
 
@@ -197,12 +199,22 @@ ARTIFACTS: dict[str, Artifact] = _registry(
         description="flan-t5-xl (encoder 2048-d; the whole seq2seq checkpoint, of which the T5 encoder is read), "
                     "the text encoder of the LlamaGen t2i teacher: caption features (120 tokens x 2048) for "
                     "t2i_XL_stage1_256.pt (LlamaGen language/t5.py, model 'flan-t5-xl')."),
+    # Like flan-t5-xl, no size / sha256 could be read from here: trust on first use through the sidecars.
+    # vocab.json + merges.txt beside tokenizer.json: the BPE files a transformers without tokenizers support reads.
+    *_folder_artifacts(
+        "clip-vit-large-patch14", "openai/clip-vit-large-patch14",
+        ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "vocab.json", "merges.txt", "model.safetensors"),
+        description="OpenAI CLIP ViT-L/14 (224 px, 77-token text window; the default model of torchmetrics' "
+                    "CLIPScore): the CLIP score of the text-to-image rows (dd.clip_score), read by the evaluate "
+                    "stage from checkpoints/eval/clip-vit-large-patch14/.",
+        kind="eval_net"),
 )
 
 # name -> the artifacts (one per file) that make up a folder transformers reads with from_pretrained
 FOLDERS: dict[str, tuple[str, ...]] = {
     folder: tuple(name for name, art in ARTIFACTS.items() if name.startswith(folder + ":"))
-    for folder in ("flan-t5-xl",)
+    for folder in ("flan-t5-xl", "clip-vit-large-patch14")
 }
 
 
@@ -434,7 +446,8 @@ def load_checkpoint(path: Path | str, layout: str, ema: bool | None = None) -> d
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "hf_folder":
         raise ValueError(f"{path}: layout 'hf_folder' is one file of a transformers model folder; fetch the whole "
-                         f"folder with dd.hub.fetch_folder and read it with dd.text_encoder.T5CaptionEncoder.from_folder")
+                         f"folder with dd.hub.fetch_folder and read it with dd.text_encoder.T5CaptionEncoder.from_folder "
+                         f"(flan-t5-xl) or dd.clip_score.ClipScorer.from_folder (CLIP)")
     if ema is not None and layout not in ("dd_var", "dd_llamagen"):
         raise ValueError(f"ema= selects EMA or raw weights of a DD training dict; layout {layout!r} has none")
     if not path.exists():

@@ -13,7 +13,7 @@ Two steps, so that each workflow job has a fixed set of inputs (DVC cannot list 
     `dd report` (tables) and `dd report --only figures` -> reports/
         table1.md/.csv   teachers, skip-n, onestep*, DD 1/2-step (class-conditional settings)
         table2.md/.csv   teacher-involved rows (pre-trained-n-m)
-        table3.md/.csv   text-to-image settings (empty when none is in scope)
+        table3.md/.csv   text-to-image settings (empty when none is in scope); a CLIP score column where measured
         figures/fid_vs_latency.png   the paper's Fig. 3: every method a point, FID against seconds per image (log x)
 
 An input that was not produced reads "not run" in every table and figure, never a number; a value the evaluate
@@ -143,6 +143,7 @@ OURS = ("fid", "is", "precision", "recall", "params", "steps", "latency_s")
 PAPER_COLUMN = {"fid": "fid", "is": "is", "precision": "precision", "recall": "recall", "params": "params",
                 "steps": "steps", "latency_s": "time_s"}
 TOY_EXTRA = ("class_accuracy", "diversity", "fid_floor")
+T2I_EXTRA = ("clip_score",)  # text-to-image paper rows (dd.clip_score; the paper reports no CLIP score)
 
 
 def _ratio(num, den) -> float | None:
@@ -177,7 +178,7 @@ def table_rows(params: Params, settings: list[str], table: int, paper=None, look
             row = {"setting": name, "kind": "paper" if setting.paper_row else "toy", "method": method}
             p = _paper_row(paper, setting, method, table)
             row["paper_model"] = "" if p is None else (p["model"] if setting.paper_row else f"{p['model']} ({p['setting']})")
-            for key in OURS + TOY_EXTRA:
+            for key in OURS + TOY_EXTRA + T2I_EXTRA:
                 row[key] = NOT_RUN if metrics is None else metrics.get(key)
             for key, column in PAPER_COLUMN.items():
                 row[f"paper_{key}"] = "" if p is None else p[column]
@@ -257,10 +258,13 @@ def table_markdown(rows: list[dict], table: int) -> str:
                 floors = [r["fid_floor"] for r in rows if r["setting"] == name and isinstance(r["fid_floor"], float)]
                 lines += [f"Judge FID floor (real training digits against real test digits, the same judge): "
                           f"{_cell(floors[0]) if floors else NOT_RUN}.", ""]
-            lines.append("| " + " | ".join(title for title, _ in columns) + " |")
-            lines.append("|" + "---|" * len(columns))
+            shown = columns
+            if any(isinstance(r.get("clip_score"), float) for r in rows if r["setting"] == name):
+                shown = columns + [("CLIP score", "clip_score")]  # only where the evaluate stage measured one
+            lines.append("| " + " | ".join(title for title, _ in shown) + " |")
+            lines.append("|" + "---|" * len(shown))
             for r in (r for r in rows if r["setting"] == name):
-                lines.append("| " + " | ".join(_format(key, r.get(key)) for _, key in columns) + " |")
+                lines.append("| " + " | ".join(_format(key, r.get(key)) for _, key in shown) + " |")
             lines.append("")
     if not rows:
         lines.append("No setting in scope has rows in this table.")
@@ -275,15 +279,16 @@ def write_table(params: Params, settings: list[str], table: int, out_dir: Path, 
     from dd.atomic import atomic_file
 
     rows = table_rows(params, settings, table, paper, lookup)
+    columns = CSV_COLUMNS + (list(T2I_EXTRA) if table == 3 else [])
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_dir / f"table{table}.md") as tmp:
         tmp.write_text(table_markdown(rows, table))
     with atomic_file(out_dir / f"table{table}.csv") as tmp:
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for r in rows:
-                writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in CSV_COLUMNS})
+                writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
     return rows
 
 
