@@ -23,7 +23,6 @@ import re
 import time
 from pathlib import Path
 
-import dd  # noqa: F401  (the torchvision shim, before anything imports torchvision)
 import numpy as np
 import torch
 

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-import dd  # noqa: F401  (applies the torchvision import shim before any test imports cleanfid/lpips)
+import dd
+
+dd.shim_torchvision()  # before any test imports clean-fid, torch-fidelity, lpips or transformers
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

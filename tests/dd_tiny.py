@@ -2,8 +2,6 @@
 
 Everything is seeded: the same call gives the same teacher and the same pairs in any process.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import torch
 
 from dd.config import Distill, TeacherSampling

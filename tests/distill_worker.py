@@ -4,8 +4,6 @@ weights to --out (.json and .safetensors).
 
     python tests/distill_worker.py --family var --pairs P.safetensors --work DIR --out OUT [--kill-at STEP]
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import argparse
 import json
 import os

@@ -1,7 +1,5 @@
 """dd.clip_score: the CLIP score of text-to-image samples, its hub folder artifact and its place in the evaluate stage
 and Table 3. Offline: a tiny randomly initialised CLIPModel and a character-level CLIP BPE tokenizer built here."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import dataclasses
 import json
 import shutil

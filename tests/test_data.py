@@ -1,5 +1,3 @@
-import dd  # noqa: F401  (applies the torchvision shim first)
-
 import numpy as np
 import pytest
 import torch

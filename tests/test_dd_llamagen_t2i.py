@@ -3,8 +3,6 @@ class token's place. No official forward exists to compare with (the official DD
 progress"), so these are the properties it must have: causal in the image tokens, blind to padded caption
 positions, dependent on the real caption, initialised from a t2i teacher, and the kept data positions of
 final_predict. Tiny random models, seconds on a CPU."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import pytest
 import torch
 

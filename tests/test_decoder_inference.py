@@ -1,8 +1,6 @@
 """The VQ decoders' inference path (no autograd: channels_last on the CPU, in-place activations and residual sums,
 scaled_dot_product_attention) gives the images of the reference path (autograd on: NCHW, out of place) within float
 tolerance, on small random models of both families; the attention blocks equal the explicit formula."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import pytest
 import torch
 

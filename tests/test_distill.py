@@ -1,8 +1,6 @@
 """dd.distill: data order, pairs reading, the losses learn, kill/resume reproduces the uninterrupted run, 2-process
 CPU DDP (gloo, through `accelerate launch`) matches one process on the same global batch, and `dd distill` runs
 end to end on a tiny project (pairs stage output -> student folder -> load_student -> sampling)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 import socket

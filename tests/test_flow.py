@@ -5,7 +5,6 @@ exceed the 99.9th percentile of the TV of n draws taken from p directly (simulat
 seed). A solver with a visible bias fails it: test_coarse_solver_is_detected shows the check catching
 8 uniform Euler steps.
 """
-import dd  # noqa: F401  (torchvision shim first)
 import numpy as np
 import pytest
 import torch

@@ -1,8 +1,6 @@
 """dd.hub: the artifact registry, fetch (cache, hand-placed files, verification, errors) and
 load_checkpoint (layouts, weights_only). No test touches the network: HF_HUB_OFFLINE=1 or an
 endpoint on 127.0.0.1 (a closed port, or a tiny Hub-compatible server run by the test itself)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import argparse
 import dataclasses
 import hashlib

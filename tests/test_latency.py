@@ -1,8 +1,6 @@
 """The latency harness (dd.latency, `dd bench`): seconds per image in steady state at the setting's batch size,
 warm-up batches excluded, median of the timed repeats; `dd bench` times the teacher and the DD rows with speed-ups
 and says when it falls back to random weights. Tiny random teachers (tests/tiny_teacher.py)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import statistics
 import time
 from pathlib import Path

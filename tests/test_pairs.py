@@ -2,8 +2,6 @@
 teacher's ancestral sampling, shards are deterministic and independent, the manifest says what made
 them, and a killed run resumes to the same bytes as an uninterrupted one (in process and through the
 CLI with SIGKILL). Tiny random teachers (tests/tiny_teacher.py)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import dataclasses
 import json
 import os

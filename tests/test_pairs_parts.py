@@ -1,7 +1,5 @@
 """Pairs generation split over shard ranges (`dd pairs --shards a:b`, then `--merge`): independent jobs produce one
 pair set, byte for byte the single run's; gaps, overlaps and damaged shards are refused. Tiny random teachers."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import pytest
 
 import dd.pairs as pairs

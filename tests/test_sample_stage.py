@@ -2,8 +2,6 @@
 tables in order with honest step counts, params.yaml's DVC list in sync, the skip-n fill rule, onestep* frequencies,
 shards that hold exactly what the samplers make (index offsets across shards), verified reading, and a SIGKILLed run
 that resumes to the same bytes as an uninterrupted one. Tiny random teachers (tests/tiny_teacher.py)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import dataclasses
 import json
 import os

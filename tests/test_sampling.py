@@ -5,8 +5,6 @@ Fixture folders: $DD_FIXTURES_VAR / $DD_FIXTURES_LLAMAGEN (default ../shared/fix
 only when a folder is absent. Tolerances from the fixture READMEs: latents atol=rtol=1e-4, images atol 1e-4,
 integers exact.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 import sys

@@ -2,8 +2,6 @@
 draws from equals next_probs on the same prefix, the flow map is deterministic and row-independent,
 decoders, and load_teacher from toy and hub-style folders (strict loads, presets expanded to the
 official layouts)."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import dataclasses
 import json
 import os

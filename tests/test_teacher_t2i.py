@@ -2,8 +2,6 @@
 from class labels. Tiny random t2i GPT: the sampler's distribution equals next_probs and the CFG formula on
 teacher-forced logits, the flow map is deterministic and row-independent, padded caption positions are
 invisible, and params.yaml's t2i row builds the official t2i_XL_stage1_256 layout."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 from pathlib import Path

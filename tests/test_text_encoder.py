@@ -1,7 +1,5 @@
 """dd.text_encoder: caption features in the official t2i layout from a T5 encoder, and the flan-t5-xl folder
 artifact in dd.hub. Offline: a tiny randomly initialised T5 encoder and a word-level tokenizer built here."""
-import dd  # noqa: F401  (torchvision shim first)
-
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,5 @@
 """dd.toy_captions on the real toy digits: the attribute words react to the image edits they name, carry
 information beyond the class, and the offline toy text encoder understands every caption word."""
-import dd  # noqa: F401  (torchvision shim first)
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,9 +1,11 @@
 """Distilled Decoding (DD1) reproduction suite.
 
-Importing the package first applies the torchvision import shim: the CPU build of torch 2.13.0 sits
-next to a torchvision 0.28.0 wheel whose compiled ops do not load ("operator torchvision::nms does not
-exist"). clean-fid and lpips import torchvision at module level, so the shim must run before them.
-See ../shared/reference/ecosystem.md section 1.
+The torchvision import shim (`shim_torchvision`): the CPU build of torch 2.13.0 sits next to a torchvision
+0.28.0 wheel whose compiled ops do not load ("operator torchvision::nms does not exist"). clean-fid,
+torch-fidelity, lpips and transformers import torchvision at module level, so the code that imports them calls
+`shim_torchvision()` first (dd.evaluate, dd.losses, dd.text_encoder, dd.toy_captions, dd.clip_score, the tests'
+conftest). It is not run on `import dd`: torchvision takes 1-2 s to import, and most stages (teacher, pairs,
+distill, sample) never need it. See ../shared/reference/ecosystem.md section 1.
 """
 import sys
 import types
@@ -29,7 +31,10 @@ def import_torchvision():
     return torchvision
 
 
-try:
-    import_torchvision()
-except ImportError:  # torchvision is optional for most of the package
-    pass
+def shim_torchvision() -> None:
+    """Call before importing a library that imports torchvision; nothing to do when torchvision is not installed
+    (transformers works without it; clean-fid and lpips then fail on their own import with a clear message)."""
+    try:
+        import_torchvision()
+    except ImportError:
+        pass

@@ -49,6 +49,9 @@ class ClipScorer:
     @classmethod
     def from_folder(cls, folder, device="cpu", dtype=torch.float32) -> "ClipScorer":
         """Read a CLIP model folder (dd.hub.fetch_folder('clip-vit-large-patch14', ...)) with no network access."""
+        from dd import shim_torchvision
+
+        shim_torchvision()  # before transformers imports torchvision
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         folder = Path(folder)

@@ -42,10 +42,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd import clip_score, hub
+from dd import clip_score, hub, shim_torchvision
 from dd.atomic import atomic_file, write_json
 from dd.config import Params, Setting
 from dd.errors import StageError
+
+shim_torchvision()  # clean-fid and torch-fidelity, imported below where used, import torchvision
 
 K_NEIGHBOURS = 3  # precision/recall neighbourhood (ADM evaluator, Kynkaenniemi et al.)
 IS_SPLIT_SIZE = 5000  # ADM evaluator: Inception Score over consecutive splits of 5000 samples

@@ -94,7 +94,9 @@ class LpipsDistance(torch.nn.Module):
         self.lpips = None
 
     def _build(self, device):
-        import dd  # noqa: F401  (the torchvision import shim, before lpips imports torchvision)
+        from dd import shim_torchvision
+
+        shim_torchvision()  # before lpips imports torchvision
         import lpips
 
         try:

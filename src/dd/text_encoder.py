@@ -64,6 +64,9 @@ class T5CaptionEncoder:
         network access; a seq2seq checkpoint is fine (only its encoder weights are read)."""
         from pathlib import Path
 
+        from dd import shim_torchvision
+
+        shim_torchvision()  # before transformers imports torchvision
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = Path(folder)

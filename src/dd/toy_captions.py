@@ -102,6 +102,10 @@ def toy_caption_encoder(max_length: int = 16, d_model: int = 32, num_layers: int
     """A T5CaptionEncoder for toy captions, built offline: word-level tokenizer (+ </s>) and a tiny T5 encoder
     with random weights drawn from `seed` (the same encoder in every process)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from dd import shim_torchvision
+
+    shim_torchvision()  # before transformers imports torchvision
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     vocabulary = caption_vocabulary()

@@ -2,8 +2,6 @@
 generation, no state left behind by generate, prefix continuation for any cfg_scale, cfg_interval,
 the sampling distribution that generate draws from, the DD student's helpers, VQ training pieces and
 CUDA agreement (skipped without a GPU). Small random models, seconds on a CPU."""
-import dd  # noqa: F401  (torchvision shim first)
-
 from dataclasses import replace
 
 import pytest

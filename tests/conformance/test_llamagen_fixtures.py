@@ -5,8 +5,6 @@ Fixture folder: $DD_FIXTURES_LLAMAGEN, default ../shared/fixtures/llamagen next 
 tests skip only when that folder is absent. Tolerances from the README: logits/latents atol=rtol=1e-4,
 images atol 1e-4, integers exact, -inf positions compared by mask.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 from functools import lru_cache

@@ -4,8 +4,6 @@ manifest exactly (keys, shapes, dtypes) plus the parameter count.
 
 Manifest folder: $DD_MANIFESTS, default ../shared/reference/manifests next to the repository.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import ast
 import json
 import os

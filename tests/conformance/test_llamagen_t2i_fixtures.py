@@ -5,8 +5,6 @@ Fixture folder: $DD_FIXTURES_LLAMAGEN_T2I, default ../shared/fixtures/llamagen-t
 The tests skip only when that folder is absent. Tolerances from the README: logits atol=rtol=1e-4, tokens
 exact. Sizes (batch, caption length and width, block size) come from the sidecar and the tensors.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 from functools import lru_cache

@@ -6,8 +6,6 @@ dtypes, the saved null-caption buffer) plus the parameter count (775M / 756M in 
 Manifest folder: $DD_MANIFESTS, default ../shared/reference/manifests next to the repository (its t2i/
 subfolder).
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import ast
 import json
 import os

@@ -2,8 +2,6 @@
 
 The official-code conformance lives in test_var_fixtures.py (golden vectors) and test_var_manifests.py (layouts).
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import pytest
 import torch
 

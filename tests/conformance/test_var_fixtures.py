@@ -8,8 +8,6 @@ Tolerances (fixture README): logits / latents / continuous outputs atol 1e-4 rto
 indices exact, -inf positions compared as a mask.
 Fixture folder: $DD_FIXTURES_VAR, default ../shared/fixtures/var next to the repository.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 import re

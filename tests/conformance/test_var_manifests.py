@@ -4,8 +4,6 @@ the manifest exactly (key set and order, shapes, dtypes, persistent buffers) plu
 
 Manifest folder: $DD_MANIFESTS, default ../shared/reference/manifests next to the repository.
 """
-import dd  # noqa: F401  (torchvision shim first)
-
 import json
 import os
 from pathlib import Path
