@@ -43,14 +43,18 @@ METHOD_SECONDS = {
 # GUESS: FID/IS/precision/recall of 50k 256-px images with Inception-v3 on one GPU, about 10 minutes per method
 # (not measured here: no GPU was lent for it).
 EVALUATE_GPU_HOURS_PER_50K = 0.17
-# Toy settings on the 2-core CPU, measured (params.yaml comments; benchmarks/RESULTS.md "Pairs throughput").
+# Toy settings on the 2-core CPU, measured (benchmarks/RESULTS.md; the toy distill at its 1500-step default).
 TOY_SECONDS = {
-    "toy-llamagen": {"teacher": (300, "params.yaml: each toy stage within the 5-min budget"),
-                     "pairs": (20000 / 142.5, "RESULTS.md: 142.5 pairs/s in snakemake reproduce_table1"),
-                     "distill": (174, "params.yaml: 174 s measured for 600 steps")},
-    "toy-var": {"teacher": (264, "params.yaml: 264 s measured (tokenizer 8 / teacher 8 epochs)"),
-                "pairs": (20000 / 99.8, "RESULTS.md: 99.8 pairs/s in snakemake reproduce_table1"),
-                "distill": (250, "params.yaml: 250 s measured for 600 steps")},
+    "toy-llamagen": {"teacher": (159, "RESULTS.md 'make reproduce on a fresh clone': 2 min 39 s, idle"),
+                     "pairs": (42, "RESULTS.md 'make reproduce on a fresh clone': 6000 pairs in 42 s, idle"),
+                     "distill": (78, "RESULTS.md 'Toy fidelity': 1500 steps in 78 s, idle")},
+    "toy-var": {"teacher": (200, "RESULTS.md 'make reproduce on a fresh clone': 3 min 20 s, idle"),
+                "pairs": (63, "RESULTS.md 'make reproduce on a fresh clone': 6000 pairs in 63 s, idle"),
+                "distill": (149, "RESULTS.md 'Toy fidelity': 1500 steps in 149 s, idle")},
+    "toy-t2i": {"text_features": (13, "RESULTS.md 'The 1500-step default in the DAG'"),
+                "teacher": (482, "RESULTS.md 'The 1500-step default in the DAG' (30 teacher epochs)"),
+                "pairs": (36, "RESULTS.md 'The 1500-step default in the DAG': 167 pairs/s"),
+                "distill": (125, "RESULTS.md 'The 1500-step default in the DAG': 1500 steps")},
 }
 
 
