@@ -15,7 +15,8 @@ with other jobs it moves far less than the wall time) and its ratio, and the pea
 Rows (B = the batch): VAR-d16 teacher (10 scales, cfg 2, top-k 900, top-p 0.95, + VQVAE decode), DD 1-step and
 2-step (t_list 0 / 0,5, split 5, + decode), VQVAE decode of random tokens alone; LlamaGen-B teacher (256 tokens,
 cfg 2, top-k 8000, + VQ-16 decode), DD 1-step and 2-step (t_list 0 / 0,80, split 80, + decode), VQ-16 decode alone.
-fp32 on the CPU.
+fp32 on the CPU; `--decoder-dtype bfloat16` runs the project's VQ decoders as `sample.decoder_dtype: bfloat16` does
+(dd.teacher.Teacher.decoder_precision), the official side unchanged.
 
 The official checkout is only read: it is put on sys.path of the official worker processes, and the optional
 packages it imports but never needs here (torchvision's save_image) are replaced by stubs at import time when they
@@ -134,7 +135,7 @@ def seeded(torch):
     return torch.Generator().manual_seed(SEED)
 
 
-def var_calls(side: str, what: str, official: Path, weights: Path, B: int):
+def var_calls(side: str, what: str, official: Path, weights: Path, B: int, decoder_dtype: str):
     """(call, label) for one VAR row; call() produces B images."""
     import torch
     load = lambda name: torch.load(weights / f"var-{name}.pt", map_location="cpu")  # noqa: E731
@@ -178,22 +179,28 @@ def var_calls(side: str, what: str, official: Path, weights: Path, B: int):
     from dd.teacher import VarTeacher
     vae = VQVAE().eval()
     vae.load_state_dict(load("tokenizer"), strict=True)
-    if what == "decode":
-        return lambda: vae.idx_list_to_img(tokens)
     config = var_config_for_depth(16)
     if what == "teacher":
         var = VAR(config)
         var.load_state_dict(load("teacher"), strict=True)
-        teacher = VarTeacher(vae, var, TeacherSampling(temperature=1.0, cfg_interval=-1, **VAR_SAMPLING))
+    else:  # the teacher object only decodes here: its AR model on the meta device (no memory, no time)
+        with torch.device("meta"):
+            var = VAR(config)
+    teacher = VarTeacher(vae, var, TeacherSampling(temperature=1.0, cfg_interval=-1, **VAR_SAMPLING))
+    teacher.decoder_dtype = decoder_dtype
+    if what == "decode":
+        flat = torch.cat(tokens, dim=1)
+        return lambda: teacher.decode_tokens(flat)
+    if what == "teacher":
         return lambda: teacher.decode_tokens(teacher.sample_tokens(labels, generator=seeded(torch)))
     student = VARDD(config).eval()
     student.load_state_dict(load("dd"), strict=True)
     student.attach_codebook(vae.quantize.embedding.weight)
     ops = student_ops(student)
-    return lambda: vae.tokens_to_img(dd_sample(ops, labels, noise, t_list, VAR_SPLIT))
+    return lambda: (teacher.decode_embeddings(dd_sample(ops, labels, noise, t_list, VAR_SPLIT)) + 1) / 2
 
 
-def llamagen_calls(side: str, what: str, official: Path, weights: Path, B: int):
+def llamagen_calls(side: str, what: str, official: Path, weights: Path, B: int, decoder_dtype: str):
     import torch
     load = lambda name: torch.load(weights / f"llamagen-{name}.pt", map_location="cpu")  # noqa: E731
     g = torch.Generator().manual_seed(SEED)
@@ -245,6 +252,7 @@ def llamagen_calls(side: str, what: str, official: Path, weights: Path, B: int):
     config = gpt_config("GPT-B")
     gpt = LlamaGenGPT(config)
     teacher = LlamaGenTeacher(vq, gpt, TeacherSampling(temperature=1.0, cfg_interval=-1, **LLAMAGEN_SAMPLING))
+    teacher.decoder_dtype = decoder_dtype
     if what == "decode":
         return lambda: teacher.decode_tokens(tokens)
     if what == "teacher":
@@ -256,12 +264,12 @@ def llamagen_calls(side: str, what: str, official: Path, weights: Path, B: int):
     return lambda: (teacher.decode_embeddings(dd_sample(ops, labels, noise, t_list, LLAMAGEN_SPLIT)) + 1) / 2
 
 
-def worker(side: str, row: str, B: int, official: Path, weights: Path, warmup: int) -> dict:
+def worker(side: str, row: str, B: int, official: Path, weights: Path, warmup: int, decoder_dtype: str) -> dict:
     import torch
     family, what, _ = ROWS[row]
     builder = var_calls if family == "var" else llamagen_calls
     with torch.inference_mode():
-        call = builder(side, what, official, weights, B)
+        call = builder(side, what, official, weights, B, decoder_dtype)
         for _ in range(warmup):
             call()
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -291,6 +299,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (one fresh process per side per round)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls in each process before the timed one")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decoder-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="precision of the project's VQ decoders (sample.decoder_dtype); the official side is fp32")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "ROW", "B"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", metavar="FAMILY", help=argparse.SUPPRESS)
@@ -301,7 +311,7 @@ def main(argv=None) -> None:
         return prepare(official, args.prepare, args.weights)
     if args.worker:
         side, row, B = args.worker
-        print(json.dumps(worker(side, row, int(B), official, args.weights, args.warmup)))
+        print(json.dumps(worker(side, row, int(B), official, args.weights, args.warmup, args.decoder_dtype)))
         return
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -333,7 +343,8 @@ def main(argv=None) -> None:
                     order = ("project", "official") if round_ % 2 == 0 else ("official", "project")
                     for side in order:
                         out = run(["--official", str(official), "--worker", side, row, str(B), "--weights",
-                                   str(weights), "--warmup", str(args.warmup)], args.threads)
+                                   str(weights), "--warmup", str(args.warmup), "--decoder-dtype",
+                                   args.decoder_dtype], args.threads)
                         result = json.loads(out.strip().splitlines()[-1])
                         results[(row, B, side)].append(result)
                         print(f"[compare] round {round_ + 1}/{args.repeats} {row} B={B} {side}: "
@@ -367,14 +378,19 @@ def main(argv=None) -> None:
     command = "python benchmarks/compare_official.py --official <checkout>" + "".join(
         f" --{k} {v}" for k, v in (("rows", args.rows), ("batch", args.batch), ("repeats", args.repeats),
                                    ("warmup", args.warmup), ("threads", args.threads)))
-    body = (f"`{command}` — same random weights (official initialisation) in both codebases, fp32, "
+    if args.decoder_dtype != "float32":
+        command += f" --decoder-dtype {args.decoder_dtype}"
+    precision = ("fp32" if args.decoder_dtype == "float32"
+                 else f"fp32 (the project's VQ decoders in {args.decoder_dtype})")
+    body = (f"`{command}` — same random weights (official initialisation) in both codebases, {precision}, "
             f"{args.threads} threads, one fresh process per side per round (sides alternating), {args.warmup} "
             f"warm-up call(s) then one timed call per process; median and min over {args.repeats} round(s).\n"
             f"Machine: {machine()}. Load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}"
             f" — on a loaded machine the wall times are inflated and noisy; read the interleaved ratios, and the CPU "
             f"seconds (process CPU time, all threads), which contention inflates much less than wall time.\n\n"
             + table)
-    write_section(f"Side by side with the official code ({', '.join(rows)}; B {args.batch})", body)
+    suffix = "" if args.decoder_dtype == "float32" else f"; project decoder {args.decoder_dtype}"
+    write_section(f"Side by side with the official code ({', '.join(rows)}; B {args.batch}{suffix})", body)
 
 
 if __name__ == "__main__":

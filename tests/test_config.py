@@ -118,6 +118,7 @@ BAD_VALUES = [
     ("toy-var", "flow.solver", {"steps": 0}), ("toy-var", "flow.solver", {"schedule": "cosine"}),
     ("toy-var", "flow.solver", {"t_min": 1.5}), ("toy-var", "flow.solver", {"decided_tol": 0.7}),
     ("toy-var", "sample.num_samples", 0), ("toy-var", "sample.batch_size", -5), ("toy-var", "sample.seed", -1),
+    ("var-d16", "sample.decoder_dtype", "float16"),
     ("toy-var", "pairs.num_pairs", 0), ("toy-var", "pairs.shard_size", 0), ("toy-var", "pairs.seed", -2),
     ("toy-var", "image_size", 0), ("toy-var", "num_classes", 0),
     ("toy-var", "teacher.train.teacher_lr", 0), ("toy-var", "teacher.train.num_threads", -1),

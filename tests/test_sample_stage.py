@@ -192,6 +192,22 @@ def test_stage_writes_what_the_samplers_make_with_a_manifest(tmp_path, mlflow_db
     assert runs["toy-var/sample/dd-1step"] == "FINISHED" and runs["toy-var/sample/skip-1"] == "FINISHED"
 
 
+def test_bfloat16_decoder_is_recorded_and_used_by_the_stage(tmp_path, mlflow_db):
+    """sample.decoder_dtype: the float32 manifest has no such key (its bytes as before the option); bfloat16 is
+    recorded in the manifest (so a changed setting re-samples) and its images are the bf16 decoder's."""
+    params = project(tmp_path, settings=("toy-llamagen",))
+    setting = params.setting("toy-llamagen")
+    plain = read_manifest(run_sample_stage(params, setting, "dd-1step", device="cpu"))
+    assert "decoder_dtype" not in plain
+    fast_setting = dataclasses.replace(setting, sample=dataclasses.replace(setting.sample, decoder_dtype="bfloat16"))
+    sampler = build_sampler(params, fast_setting, "dd-1step", "cpu")
+    folder = run_sample_stage(params, fast_setting, "dd-1step", device="cpu")
+    manifest = read_manifest(folder)
+    assert manifest["decoder_dtype"] == "bfloat16" and manifest["shards"] != plain["shards"]
+    labels = balanced_labels(10, setting.num_classes, 3)
+    assert torch.equal(read_samples(folder)[0][:3], to_uint8(sampler.images(labels[:3], 0)))
+
+
 def test_onestep_stage_reads_the_pairs(tmp_path, mlflow_db):
     from dd.pairs import run_pairs_stage
 

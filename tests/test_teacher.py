@@ -132,6 +132,30 @@ def test_decoders(teacher):
         teacher.decode_tokens(tokens[:, 1:])
 
 
+def test_bfloat16_decoder_is_an_inference_option(teacher):
+    """sample.decoder_dtype "bfloat16": every decode path (tokens, embeddings, prefixes) runs the decoder in bf16
+    when autograd is off: float32 images close to the fp32 ones but not equal (so the option is really on); with
+    autograd on (the distill stage's perceptual term) the decoder stays float32, bit for bit."""
+    tokens = teacher.sample_tokens(torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0))
+    x = teacher.embed(tokens)
+    prefix = tokens[:, :teacher.step_starts[-2]]
+    with torch.no_grad():
+        reference = [teacher.decode_tokens(tokens), teacher.decode_embeddings(x), teacher.decode_prefix(prefix)]
+    trained = teacher.decode_embeddings(x.clone().requires_grad_(True))
+    teacher.decoder_dtype = "bfloat16"
+    try:
+        with torch.no_grad():
+            fast = [teacher.decode_tokens(tokens), teacher.decode_embeddings(x), teacher.decode_prefix(prefix)]
+        torch.testing.assert_close(teacher.decode_embeddings(x.clone().requires_grad_(True)), trained, atol=0, rtol=0)
+    finally:
+        teacher.decoder_dtype = "float32"
+    for got, want in zip(fast, reference):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        difference = (got - want).abs()
+        # bf16 keeps 8 bits of mantissa: a few 1e-3 on images in [-1, 1] (one uint8 level is 7.8e-3)
+        assert 0 < difference.max() < 0.1 and difference.mean() < 0.02
+
+
 def test_load_teacher_round_trips_the_toy_folder(project):
     """The loaded teacher holds exactly the saved weights (strict load from meta-built models)."""
     setting = project.setting("toy-llamagen")

@@ -154,6 +154,9 @@ class Sample:
     # text-to-image paper rows: the CLIP model of the CLIP score beside the FID (dd.clip_score), a hub folder artifact
     # in CLIP_MODELS; null = no CLIP score. Not for toy settings (toy-t2i's captions are judged by dd.toy_captions).
     clip_model: Optional[str] = None
+    # precision of the VQ decoder that turns sampled tokens into images: "float32" (the paper's), or "bfloat16" (bf16
+    # autocast: 2-3x faster decoding on a CPU with bf16 units; its FID cost: benchmarks/RESULTS.md "Decoder speed")
+    decoder_dtype: str = "float32"
 
     def student_source(self, dd_artifact: Optional[str]) -> str:
         return self.student or ("released" if dd_artifact else "distilled")
@@ -520,6 +523,7 @@ def _validate_prompts(s: Setting, file: Path):
              "float32, bfloat16 or float16")
 
 
+DECODER_DTYPES = ("float32", "bfloat16")  # sample.decoder_dtype (dd.teacher.Teacher.decoder_precision)
 CLIP_MODELS = ("clip-vit-large-patch14",)  # dd.hub folder artifacts a CLIP score can use (sample.clip_model)
 
 
@@ -529,6 +533,8 @@ def _validate_sample(s: Setting, file: Path):
     where = f"settings.{s.name}.sample"
     if s.sample.shard_size <= 0:
         raise ConfigError(f"{file}: key '{where}.shard_size' must be positive")
+    _require(s.sample.decoder_dtype in DECODER_DTYPES, file, f"{where}.decoder_dtype", s.sample.decoder_dtype,
+             " or ".join(DECODER_DTYPES))
     skip = s.sample.skip
     if sorted(set(skip)) != skip or any(n <= 0 for n in skip):
         raise ConfigError(f"{file}: key '{where}.skip' must be increasing positive AR-step counts (got {skip})")

@@ -202,6 +202,7 @@ def build_sampler(params: Params, setting: Setting, method_name: str, device: st
     device = torch.device(device or default_device())
     teacher = _random_teacher(setting, device) if random_weights else \
         load_teacher(setting, teacher_dir(params, setting), device)
+    teacher.decoder_dtype = setting.sample.decoder_dtype
     conditions = None
     if setting.text_to_image:
         conditions = random_captions(setting) if random_weights else conditions_for(params, setting, "eval")
@@ -347,6 +348,8 @@ def plan_of(setting: Setting, sampler: Sampler, device: torch.device) -> dict:
         "device": device.type,
         "torch": torch.__version__,
     }
+    if s.decoder_dtype != "float32":  # recorded when not the default (float32 plans keep their bytes)
+        plan["decoder_dtype"] = s.decoder_dtype
     if sampler.conditions is not None:  # text-to-image (class-conditional plans keep their bytes)
         plan["label_rule"] = CAPTION_RULE
         plan["conditions"] = sampler.conditions.identity()

@@ -31,6 +31,7 @@ teacher's safetensors + constructor kwargs (teacher.json written by dd.toy_teach
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -108,6 +109,17 @@ class Teacher(abc.ABC):
         self.files = dict(files or {})  # role -> Path of the weights this teacher was loaded from
         # (T, D) of the Captions a text-to-image teacher takes; None: the condition is a class label
         self.caption_shape = caption_shape
+        # Precision of the VQ decoder when images are made for sampling (sample.decoder_dtype): "bfloat16" runs it
+        # under bf16 autocast. Training (autograd on) always decodes in float32.
+        self.decoder_dtype = "float32"
+
+    def decoder_precision(self):
+        """The context every decode runs in: bf16 autocast when decoder_dtype is "bfloat16" and autograd is off
+        (the decoder is most of a one-step image on the CPU, and bf16 convolutions are 2-3x faster there; the
+        images move by about one uint8 level on average, whose FID cost benchmarks/RESULTS.md records)."""
+        if self.decoder_dtype == "float32" or torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @property
     def device(self) -> torch.device:
@@ -272,17 +284,23 @@ class VarTeacher(Teacher):
     @torch.no_grad()
     def decode_tokens(self, tokens):
         self._check_sequence(tokens, "VarTeacher.decode_tokens", ())
-        return self.tokenizer.idx_list_to_img(list(tokens.split(self.schedule, dim=1)))
+        h_list = [self.tokenizer.quantize.idx_to_h(k, idx) for k, idx in enumerate(tokens.split(self.schedule, dim=1))]
+        return self._decode_fhat(self.tokenizer.embed_to_fhat(h_list, last_one=True))
+
+    def _decode_fhat(self, f_hat):
+        """f_hat (float32, the quantiser's sum of scales) -> images: the decoder alone in decoder_dtype."""
+        with self.decoder_precision():
+            return self.tokenizer.fhat_to_img(f_hat).float()
 
     def decode_embeddings(self, x):
         self._check_sequence(x, "VarTeacher.decode_embeddings", (self.token_dim,))
-        return self.tokenizer.fhat_to_img(self.tokenizer.tokens_to_fhat(x))
+        return self._decode_fhat(self.tokenizer.tokens_to_fhat(x))
 
     def _decode_prefix(self, tokens):
         steps = self.step_of(tokens.shape[1])
         h_list = [self.tokenizer.quantize.idx_to_h(k, idx)
                   for k, idx in enumerate(tokens.split(self.schedule[:steps], dim=1))]
-        return self.tokenizer.fhat_to_img(self.tokenizer.embed_to_fhat(h_list, last_one=True))
+        return self._decode_fhat(self.tokenizer.embed_to_fhat(h_list, last_one=True))
 
 
 class LlamaGenTeacher(Teacher):
@@ -322,16 +340,19 @@ class LlamaGenTeacher(Teacher):
     @torch.no_grad()
     def decode_tokens(self, tokens):
         self._check_sequence(tokens, "LlamaGenTeacher.decode_tokens", ())
-        return self.tokenizer.decode(self._grid(self.codebook[tokens])).clamp(-1, 1)
+        with self.decoder_precision():
+            return self.tokenizer.decode(self._grid(self.codebook[tokens])).float().clamp(-1, 1)
 
     def decode_embeddings(self, x):
         self._check_sequence(x, "LlamaGenTeacher.decode_embeddings", (self.token_dim,))
-        return self.tokenizer.decode(self._grid(x)).clamp(-1, 1)
+        with self.decoder_precision():
+            return self.tokenizer.decode(self._grid(x)).float().clamp(-1, 1)
 
     def _decode_prefix(self, tokens):
         x = self.codebook.new_zeros(tokens.shape[0], self.num_tokens, self.token_dim)
         x[:, :tokens.shape[1]] = self.codebook[tokens]
-        return self.tokenizer.decode(self._grid(x)).clamp(-1, 1)
+        with self.decoder_precision():
+            return self.tokenizer.decode(self._grid(x)).float().clamp(-1, 1)
 
 
 TEACHERS = {"var": VarTeacher, "llamagen": LlamaGenTeacher}
