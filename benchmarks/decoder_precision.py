@@ -8,7 +8,7 @@ build_sampler sets it). Per decoder: seconds per image in float32 and bfloat16 (
 median of --repeats calls, the two precisions alternating), and on the same random tokens the difference of the
 uint8 images (the sample stage's to_uint8): mean absolute difference in uint8 levels, the share of pixel values that
 change, and the largest change. Random weights make images of no meaning; the FID cost on trained models is measured
-on the toy settings (RESULTS.md "Decoder speed").
+on the toy settings (RESULTS.md, after the side-by-side run with --decoder-dtype bfloat16).
 """
 from __future__ import annotations
 

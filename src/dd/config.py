@@ -155,7 +155,7 @@ class Sample:
     # in CLIP_MODELS; null = no CLIP score. Not for toy settings (toy-t2i's captions are judged by dd.toy_captions).
     clip_model: Optional[str] = None
     # precision of the VQ decoder that turns sampled tokens into images: "float32" (the paper's), or "bfloat16" (bf16
-    # autocast: 2-3x faster decoding on a CPU with bf16 units; its FID cost: benchmarks/RESULTS.md "Decoder speed")
+    # autocast: 3-4x faster decoding on a CPU with bf16 units; its FID cost: benchmarks/RESULTS.md "Decoder precision")
     decoder_dtype: str = "float32"
 
     def student_source(self, dd_artifact: Optional[str]) -> str:

@@ -115,7 +115,7 @@ class Teacher(abc.ABC):
 
     def decoder_precision(self):
         """The context every decode runs in: bf16 autocast when decoder_dtype is "bfloat16" and autograd is off
-        (the decoder is most of a one-step image on the CPU, and bf16 convolutions are 2-3x faster there; the
+        (the decoder is most of a one-step image on the CPU, and bf16 convolutions are 3-4x faster there; the
         images move by about one uint8 level on average, whose FID cost benchmarks/RESULTS.md records)."""
         if self.decoder_dtype == "float32" or torch.is_grad_enabled():
             return contextlib.nullcontext()
