@@ -67,6 +67,9 @@ PROBS_SUM_TOL = 1e-3
 # posterior transition (both ends agreeing while the middle does not).
 FIRST_STEP = 0.05
 MAX_STEP = 0.7
+# Smallest log-weight relative to the top code (see _posterior_weights): exp(-60) keeps weights, and their products
+# with codes, clear of float32 subnormals.
+WEIGHT_FLOOR = -60.0
 # Devices where posterior() runs the top-code searches on the candidate rows only (see there).
 SELECT_ROWS_ON = ("cpu",)
 
@@ -129,6 +132,23 @@ def _check_inputs(noise, probs, codebook):
         )
 
 
+def _posterior_weights(logits):
+    """softmax(logits) over the last dim, with every weight floored at exp(WEIGHT_FLOOR) of the top one, and the
+    top weight (n,) (free: the top code's unnormalised weight is exp(0) = 1).
+
+    Why not torch.softmax: once a posterior concentrates, most of its K weights fall below float32's smallest
+    normal number (exp(-87.3)), and arithmetic on subnormals is many times slower on x86 CPUs. The softmax and
+    the x0_hat product then took two thirds of the flow map's time at LlamaGen's size (benchmarks/RESULTS.md,
+    "Flow-map cost per token"). Flooring at exp(-60) keeps every weight and every product with a code normal.
+    The floor changes x0_hat by at most K exp(-60) max||c|| (about 1e-22 for 16384 unit codes), far below float32
+    resolution; a code of zero probability still never has the top weight, and the nearest-code test reads the
+    logits, not the weights.
+    """
+    w = torch.sub(logits, logits.amax(dim=-1, keepdim=True)).clamp_(min=WEIGHT_FLOOR).exp_()
+    top_weight = w.sum(dim=-1, keepdim=True).reciprocal_()
+    return w.mul_(top_weight), top_weight.squeeze(-1)
+
+
 class _Rows:
     """The rows still being integrated, with their support: log p (n, K), the gathered codes and a padding mask.
 
@@ -163,9 +183,9 @@ class _Rows:
         # log w_j + const = log p_j + <mu y, c_j> + mu^2 (-||c_j||^2 / 2): one batched product
         coeffs = torch.cat([mu * y, mu * mu], dim=1).unsqueeze(1)
         logits = torch.baddbmm(self.log_p.unsqueeze(1), coeffs, self.codes_aug_t).squeeze(1)
-        w = torch.softmax(logits, dim=-1)
+        w, top_weight = _posterior_weights(logits)
         x0_hat = torch.bmm(w.unsqueeze(1), self.codes_aug_t.transpose(1, 2)).squeeze(1)[:, :-1]
-        candidate = w.amax(dim=-1) >= 1.0 - self.decided_tol
+        candidate = top_weight >= 1.0 - self.decided_tol
         look = candidate if need_top is None else candidate | need_top
         if y.device.type not in SELECT_ROWS_ON:  # on a GPU the full searches are cheap, selecting rows costs a sync
             top = w.argmax(dim=-1)
