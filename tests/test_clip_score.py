@@ -215,6 +215,9 @@ def test_evaluate_stage_adds_the_clip_score_of_each_sample_against_its_caption(t
     assert record["clip_model"] == f"{NAME} (openai/clip-vit-large-patch14)" and record["clip_truncated"] == 0
     assert record["fid"] is not None and record["precision"] is None
     assert (tmp_path / "ckpt" / "eval" / NAME / "model.safetensors.sha256").is_file()
+    summary = ev.summary_table(setting, ev.summary_rows(params, setting)).splitlines()  # `dd summary`
+    assert "| CLIP score |" in summary[0]
+    assert next(line for line in summary if line.startswith("| dd-1step")).count(f"| {record['clip_score']:.2f} |") == 1
 
     # Table 3 shows the CLIP score where the evaluate stage measured one, and no such column where it did not
     metrics = {"dd-1step": record}
@@ -246,6 +249,19 @@ def test_missing_clip_folder_stops_the_stage_before_any_work(t2i_project, tmp_pa
     features.write_text(json.dumps({"format": "dd-prompts/1", "max_length": 120, "eval": {"captions": PROMPTS[::-1]}}))
     with pytest.raises(StageError, match=r"drawn from other evaluation prompts.*dd sample --setting llamagen-xl-t2i"):
         ev.run_evaluate_stage(params, setting, "dd-1step", device="cpu", latency=False)
+
+
+def test_missing_reference_images_stop_the_stage_before_any_work(t2i_project, tmp_path, monkeypatch):
+    """The FID's reference folder is checked with the other inputs, before an MLflow run is opened."""
+    import dd.tracking
+
+    params, setting, _ = t2i_project
+    shutil.rmtree(tmp_path / setting.sample.fid_reference)
+    monkeypatch.setattr(dd.tracking, "stage_run", lambda *a, **k: pytest.fail("a run was opened before the check"))
+    monkeypatch.setattr(ev, "load_inception", lambda *a: pytest.fail("the stage started before the check"))
+    with pytest.raises(StageError, match=r"no reference images .*point sample.fid_reference at yours"):
+        ev.run_evaluate_stage(params, setting, "dd-1step", device="cpu", latency=False)
+    assert not ev.metrics_path(params, setting, "dd-1step").exists()
 
 
 def test_clip_model_null_gives_no_clip_score(t2i_project):

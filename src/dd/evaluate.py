@@ -323,14 +323,20 @@ def reference_statistics(params: Params, model: "FidInception", folder: Path, si
     return mu, sigma
 
 
-def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, device, model=None) -> dict:
-    """Table 3 (paper t2i rows): FID of the samples against the reference folder's statistics, and IS."""
-    folder = Path(setting.sample.fid_reference or "")
+def fid_reference_folder(params: Params, setting: Setting) -> tuple[Path, int]:
+    """The text-to-image FID's folder of reference images (sample.fid_reference, relative to params.yaml) and its
+    image count; a missing setting, folder or image is refused here, before any work."""
     if not setting.sample.fid_reference:
         raise StageError(f"settings.{setting.name}.sample.fid_reference: set the folder of reference images the "
                          f"text-to-image FID compares with")
+    folder = Path(setting.sample.fid_reference)
     folder = folder if folder.is_absolute() else params.path.parent / folder
-    count = len(reference_image_files(folder))  # a missing folder fails before any feature is computed
+    return folder, len(reference_image_files(folder))
+
+
+def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, device, model=None) -> dict:
+    """Table 3 (paper t2i rows): FID of the samples against the reference folder's statistics, and IS."""
+    folder, count = fid_reference_folder(params, setting)
     model = model or load_inception(params, device)
     features = inception_features(model, shards, total, desc="samples")
     mu, sigma = feature_statistics(features["fid"])
@@ -468,7 +474,8 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
     folder, manifest = method_samples(params, setting, method)  # a missing input fails before MLflow opens a run
     n_samples = int(manifest["num_samples"])
     clip = None
-    if setting.paper_row and setting.text_to_image:  # the CLIP model and captions, checked before any work
+    if setting.paper_row and setting.text_to_image:  # the reference images, CLIP model and captions: before any work
+        fid_reference_folder(params, setting)
         clip = clip_score.prepare(params, setting, manifest)
     with stage_run(params, setting, f"evaluate/{method}", {"evaluate.method": method}) as mlflow:
         print(f"[evaluate] {setting.name}/{method}: {n_samples} samples, {manifest.get('steps')} steps", flush=True)
@@ -548,8 +555,10 @@ def summary_rows(params: Params, setting: Setting) -> list[dict]:
 def summary_table(setting: Setting, rows: list[dict]) -> str:
     """A markdown table of summary_rows (toy: class accuracy and diversity; paper: IS), with the real floor."""
     toy = not setting.paper_row
+    clip = setting.paper_row and setting.text_to_image  # Table 3's CLIP score (dd.clip_score)
     head = ["method", "steps", "FID", "FID/teacher", "class acc" if toy else "IS", "precision", "recall"]
     head += ["diversity"] if toy else []
+    head += ["CLIP score"] if clip else []
     head += ["params", "latency s/img", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -561,6 +570,7 @@ def summary_table(setting: Setting, rows: list[dict]) -> str:
                  _fmt(r.get("class_accuracy") if toy else r.get("is"), ".3f" if toy else ".1f"),
                  _fmt(r.get("precision"), ".3f"), _fmt(r.get("recall"), ".3f")]
         cells += [_fmt(r.get("diversity"), ".2f")] if toy else []
+        cells += [_fmt(r.get("clip_score"), ".2f")] if clip else []
         cells += [_fmt(r.get("params"), ",d"), _fmt(r.get("latency_s"), ".4g"), _fmt(r.get("speedup"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     real = next((r for r in rows if r["status"] == "ok" and r.get("fid_floor") is not None), None)
