@@ -187,6 +187,26 @@ def test_one_hot_probs_return_that_code(solver):
         assert torch.equal(index, target) and torch.equal(embedding, codebook[target])
 
 
+def test_posterior_weights_are_the_softmax_floored_clear_of_subnormals():
+    """The posterior weights equal torch.softmax wherever a logit is within 60 nats of the row's top; below that,
+    -inf logits (zero-probability codes) included, they sit at exp(-60) of the top weight, never a float32
+    subnormal (whose arithmetic is slow on x86); the top code keeps the top weight, which is returned."""
+    from dd.flow import WEIGHT_FLOOR, _posterior_weights
+
+    gen = torch.Generator().manual_seed(30)
+    logits = torch.randn(4, 5000, generator=gen) * 60.0  # spans about 500 nats: most softmax weights subnormal or 0
+    logits[1, 7] = -float("inf")  # a padding slot / zero-probability code
+    reference = torch.softmax(logits, dim=-1)
+    assert (reference[(reference > 0) & (reference < torch.finfo(torch.float32).tiny)]).numel() > 0  # the hard case
+    w, top = _posterior_weights(logits.clone())
+    near = logits >= logits.amax(dim=-1, keepdim=True) + WEIGHT_FLOOR
+    assert torch.allclose(w[near], reference[near], rtol=1e-5, atol=0)
+    assert torch.allclose(w[~near], (top * np.exp(WEIGHT_FLOOR)).unsqueeze(1).expand_as(w)[~near], rtol=1e-5)
+    assert (w >= torch.finfo(torch.float32).tiny).all()  # normal numbers only
+    assert torch.equal(top, w.amax(dim=-1)) and torch.equal(w.argmax(dim=-1), logits.argmax(dim=-1))
+    assert torch.allclose(w.sum(dim=-1), torch.ones(4))
+
+
 def test_float32_stable_down_to_tiny_t():
     # Two pairs of codes 1e-6 apart can only be told apart at t ~ 1e-6; float32 must stay finite there,
     # and each pair as a whole must still receive its probability mass.
