@@ -299,12 +299,13 @@ def load_reference_images(files: list[Path], size: int, batch_size: int = 100):
         yield torch.stack(batch)
 
 
-def reference_statistics(params: Params, model: "FidInception", folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+def reference_statistics(params: Params, model: "FidInception", folder: Path, files: list[Path],
+                         size: int) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference folder's FID features (clean-fid's custom statistics, made with our Inception
-    path), cached in checkpoints/eval/ under the sha256 of the folder's file names and bytes."""
+    path), cached in checkpoints/eval/ under the sha256 of the folder's file names and bytes. files: the folder's
+    images (fid_reference_folder)."""
     import hashlib
 
-    files = reference_image_files(folder)
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(folder)).encode())
@@ -323,28 +324,30 @@ def reference_statistics(params: Params, model: "FidInception", folder: Path, si
     return mu, sigma
 
 
-def fid_reference_folder(params: Params, setting: Setting) -> tuple[Path, int]:
+def fid_reference_folder(params: Params, setting: Setting) -> tuple[Path, list[Path]]:
     """The text-to-image FID's folder of reference images (sample.fid_reference, relative to params.yaml) and its
-    image count; a missing setting, folder or image is refused here, before any work."""
+    image files; a missing setting, folder or image is refused here, before any work."""
     if not setting.sample.fid_reference:
         raise StageError(f"settings.{setting.name}.sample.fid_reference: set the folder of reference images the "
                          f"text-to-image FID compares with")
     folder = Path(setting.sample.fid_reference)
     folder = folder if folder.is_absolute() else params.path.parent / folder
-    return folder, len(reference_image_files(folder))
+    return folder, reference_image_files(folder)
 
 
-def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, device, model=None) -> dict:
-    """Table 3 (paper t2i rows): FID of the samples against the reference folder's statistics, and IS."""
-    folder, count = fid_reference_folder(params, setting)
+def text_to_image_metrics(params: Params, setting: Setting, shards, total: int, device, model=None,
+                          reference: tuple[Path, list[Path]] | None = None) -> dict:
+    """Table 3 (paper t2i rows): FID of the samples against the reference folder's statistics, and IS.
+    reference: fid_reference_folder's result when the caller has it already (the folder is listed once)."""
+    folder, files = reference or fid_reference_folder(params, setting)
     model = model or load_inception(params, device)
     features = inception_features(model, shards, total, desc="samples")
     mu, sigma = feature_statistics(features["fid"])
-    ref_mu, ref_sigma = reference_statistics(params, model, folder, setting.image_size)
+    ref_mu, ref_sigma = reference_statistics(params, model, folder, files, setting.image_size)
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "is": inception_score(features["adm_logits"]),
             "precision": None, "recall": None,
             "feature_network": "pytorch-fid InceptionV3 pool3 (2048-d); IS through the ADM input path",
-            "fid_reference": f"{folder} ({count} images, custom statistics)"}
+            "fid_reference": f"{folder} ({len(files)} images, custom statistics)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,15 +476,16 @@ def run_evaluate_stage(params: Params, setting: Setting, method: str, device: st
 
     folder, manifest = method_samples(params, setting, method)  # a missing input fails before MLflow opens a run
     n_samples = int(manifest["num_samples"])
-    clip = None
+    clip = reference = None
     if setting.paper_row and setting.text_to_image:  # the reference images, CLIP model and captions: before any work
-        fid_reference_folder(params, setting)
+        reference = fid_reference_folder(params, setting)
         clip = clip_score.prepare(params, setting, manifest)
     with stage_run(params, setting, f"evaluate/{method}", {"evaluate.method": method}) as mlflow:
         print(f"[evaluate] {setting.name}/{method}: {n_samples} samples, {manifest.get('steps')} steps", flush=True)
         if setting.paper_row:
             shards = (images for images, _ in iter_sample_shards(folder))
-            values = (text_to_image_metrics(params, setting, shards, n_samples, device) if setting.text_to_image
+            values = (text_to_image_metrics(params, setting, shards, n_samples, device, reference=reference)
+                      if setting.text_to_image
                       else paper_metrics(params, shards, n_samples, device))
             if setting.text_to_image:  # a second pass over the shards: one shard in memory at a time, as above
                 values.update(clip_score.clip_metrics(clip, iter_sample_shards(folder), n_samples, device) if clip
